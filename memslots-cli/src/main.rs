@@ -1,0 +1,5 @@
+//! The `memslots` command-line tool.
+
+fn main() {
+    println!("memslots: subcommands arrive with their issues");
+}

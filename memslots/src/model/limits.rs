@@ -1,0 +1,54 @@
+//! What the kernel allows: slot count, address spaces, read-only support.
+
+use serde::{Deserialize, Serialize};
+
+use super::slot::PAGE_SIZE;
+
+/// The kernel's limits for one VM.
+///
+/// [`Limits::default`] holds x86-64's values on a current kernel; a KVM backend replaces them with
+/// what `KVM_CHECK_EXTENSION` reports for the VM at hand.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Limits {
+    /// Usable slot ids per address space (`KVM_CAP_NR_MEMSLOTS`; 32764 on x86-64).
+    pub slots: u16,
+    /// Address spaces (`KVM_CAP_MULTI_ADDRESS_SPACE`; 2 on x86-64 with SMM, otherwise 1).
+    pub address_spaces: u16,
+    /// Whether `KVM_MEM_READONLY` is accepted (`KVM_CAP_READONLY_MEM`).
+    pub readonly: bool,
+    /// Whether `KVM_MEM_GUEST_MEMFD` is accepted (v2 ioctl on a VM type with private memory).
+    pub guest_memfd: bool,
+    /// The page size alignment is checked against.
+    pub page_size: u64,
+    /// The largest `userspace_addr + memory_size` the kernel's `access_ok` accepts.
+    ///
+    /// x86-64 with 4-level paging: `TASK_SIZE_MAX - 1` = `0x7fff_ffff_efff`; the sum is page
+    /// aligned, so the last accepted end is one page below `TASK_SIZE_MAX`.
+    pub user_addr_max: u64,
+    /// Most pages one slot may have (`KVM_MEM_MAX_NR_PAGES` = 2^31 - 1).
+    pub max_pages: u64,
+}
+
+impl Limits {
+    /// `KVM_USER_MEM_SLOTS` on x86-64.
+    pub const X86_64_SLOTS: u16 = 32764;
+
+    /// A slot id's raw limit check, as the ioctl does it first.
+    pub fn id_in_range(&self, id: u16) -> bool {
+        id < self.slots
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            slots: Self::X86_64_SLOTS,
+            address_spaces: 2,
+            readonly: true,
+            guest_memfd: false,
+            page_size: PAGE_SIZE,
+            user_addr_max: 0x7fff_ffff_efff,
+            max_pages: (1 << 31) - 1,
+        }
+    }
+}

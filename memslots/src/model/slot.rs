@@ -1,0 +1,242 @@
+//! Slots, slot ids, flags and the raw slot call.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The page size KVM checks alignment against on x86-64.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A slot's identity: address space (bits 16-31 of KVM's `slot` field) and id (bits 0-15).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct SlotId {
+    /// Address space (0 is normal memory, 1 is SMM on x86).
+    pub address_space: u16,
+    /// Slot number within the address space.
+    pub id: u16,
+}
+
+impl SlotId {
+    /// A slot id in address space 0.
+    pub const fn new(id: u16) -> Self {
+        SlotId {
+            address_space: 0,
+            id,
+        }
+    }
+
+    /// A slot id in the given address space.
+    pub const fn in_space(address_space: u16, id: u16) -> Self {
+        SlotId { address_space, id }
+    }
+
+    /// Decodes KVM's `slot` field.
+    pub const fn from_raw(raw: u32) -> Self {
+        SlotId {
+            address_space: (raw >> 16) as u16,
+            id: raw as u16,
+        }
+    }
+
+    /// Encodes KVM's `slot` field (`address_space << 16 | id`).
+    pub const fn raw(self) -> u32 {
+        (self.address_space as u32) << 16 | self.id as u32
+    }
+}
+
+impl fmt::Display for SlotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.address_space, self.id)
+    }
+}
+
+/// Slot flags, as in `kvm_userspace_memory_region::flags`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SlotFlags(pub u32);
+
+impl SlotFlags {
+    /// No flag.
+    pub const NONE: SlotFlags = SlotFlags(0);
+    /// `KVM_MEM_LOG_DIRTY_PAGES`: keep a dirty bitmap for the slot.
+    pub const LOG_DIRTY_PAGES: SlotFlags = SlotFlags(1);
+    /// `KVM_MEM_READONLY`: guest writes exit as MMIO.
+    pub const READONLY: SlotFlags = SlotFlags(2);
+    /// `KVM_MEM_GUEST_MEMFD`: private memory from a guest_memfd (v2 ioctl only).
+    pub const GUEST_MEMFD: SlotFlags = SlotFlags(4);
+
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Whether every bit of `other` is set.
+    pub const fn contains(self, other: SlotFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether the slot is read-only for the guest.
+    pub const fn readonly(self) -> bool {
+        self.contains(Self::READONLY)
+    }
+
+    /// Whether dirty logging is on.
+    pub const fn log_dirty(self) -> bool {
+        self.contains(Self::LOG_DIRTY_PAGES)
+    }
+
+    /// These flags with `other` set (`on`) or cleared.
+    pub const fn with(self, other: SlotFlags, on: bool) -> SlotFlags {
+        if on {
+            SlotFlags(self.0 | other.0)
+        } else {
+            SlotFlags(self.0 & !other.0)
+        }
+    }
+}
+
+impl std::ops::BitOr for SlotFlags {
+    type Output = SlotFlags;
+    fn bitor(self, rhs: SlotFlags) -> SlotFlags {
+        SlotFlags(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Debug for SlotFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names = Vec::new();
+        if self.log_dirty() {
+            names.push("LOG_DIRTY_PAGES");
+        }
+        if self.readonly() {
+            names.push("READONLY");
+        }
+        if self.contains(Self::GUEST_MEMFD) {
+            names.push("GUEST_MEMFD");
+        }
+        let rest = self.0 & !7;
+        if rest != 0 || names.is_empty() {
+            write!(f, "{:#x}", self.0)
+        } else {
+            write!(f, "{}", names.join("|"))
+        }
+    }
+}
+
+/// A memory slot as KVM holds it: a guest-physical range backed by host memory.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Slot {
+    /// Address space and id.
+    pub id: SlotId,
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes (a non-zero multiple of the page size).
+    pub size: u64,
+    /// Host (userspace) address of the first byte.
+    pub host: u64,
+    /// `LOG_DIRTY_PAGES` / `READONLY`.
+    pub flags: SlotFlags,
+}
+
+impl Slot {
+    /// One past the last guest-physical address.
+    pub const fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+
+    /// Whether `gpa` falls in the slot.
+    pub const fn contains(&self, gpa: u64) -> bool {
+        gpa >= self.gpa && gpa < self.end()
+    }
+
+    /// Host address of `gpa`, which must fall in the slot.
+    pub const fn host_of(&self, gpa: u64) -> u64 {
+        self.host + (gpa - self.gpa)
+    }
+
+    /// Number of pages.
+    pub const fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    /// The raw call that creates this slot (or changes an existing one to it).
+    pub const fn set_call(&self) -> SlotCall {
+        SlotCall {
+            slot: self.id.raw(),
+            flags: self.flags.0,
+            gpa: self.gpa,
+            size: self.size,
+            host: self.host,
+        }
+    }
+
+    /// The raw call that deletes this slot.
+    pub const fn delete_call(&self) -> SlotCall {
+        SlotCall {
+            slot: self.id.raw(),
+            flags: self.flags.0,
+            gpa: self.gpa,
+            size: 0,
+            host: self.host,
+        }
+    }
+}
+
+/// One raw `KVM_SET_USER_MEMORY_REGION` call (`kvm_userspace_memory_region`): size 0 deletes.
+///
+/// Fields are raw so that invalid calls can be expressed, checked and sent to the kernel as-is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct SlotCall {
+    /// `address_space << 16 | id`.
+    pub slot: u32,
+    /// Raw flags.
+    pub flags: u32,
+    /// `guest_phys_addr`.
+    pub gpa: u64,
+    /// `memory_size`; 0 deletes the slot.
+    pub size: u64,
+    /// `userspace_addr`.
+    #[serde(rename = "ua")]
+    pub host: u64,
+}
+
+impl SlotCall {
+    /// The slot id this call addresses.
+    pub const fn id(&self) -> SlotId {
+        SlotId::from_raw(self.slot)
+    }
+
+    /// The raw flags as [`SlotFlags`].
+    pub const fn slot_flags(&self) -> SlotFlags {
+        SlotFlags(self.flags)
+    }
+
+    /// Whether this is a delete (size 0).
+    pub const fn is_delete(&self) -> bool {
+        self.size == 0
+    }
+
+    /// The slot this call describes if it succeeds and is not a delete.
+    pub const fn slot(&self) -> Slot {
+        Slot {
+            id: self.id(),
+            gpa: self.gpa,
+            size: self.size,
+            host: self.host,
+            flags: SlotFlags(self.flags),
+        }
+    }
+}
+
+impl fmt::Display for SlotCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "slot {} flags={:#x} gpa={:#x} size={:#x} ua={:#x}",
+            self.id(),
+            self.flags,
+            self.gpa,
+            self.size,
+            self.host
+        )
+    }
+}
