@@ -1,5 +1,38 @@
-//! The `memslots` command-line tool.
+//! The `memslots` command-line tool: each subcommand lives in a module of its own name.
+//!
+//! Exit status: 0 clean, 1 the run found a problem (a mismatch, a spurious exit), 2 bad input.
 
-fn main() {
-    println!("memslots: subcommands arrive with their issues");
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod conformance;
+mod output;
+
+/// Change a running VM's KVM memory slots atomically, and measure it.
+#[derive(Parser, Debug)]
+#[command(name = "memslots", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Hold the model against the running kernel (random calls) or a QEMU trace.
+    Conformance(conformance::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Conformance(args) => conformance::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("memslots: {}", output::chain(&*err));
+            ExitCode::from(2)
+        }
+    }
 }

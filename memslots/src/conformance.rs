@@ -278,7 +278,7 @@ impl CallGen {
             },
             // The user-range boundary: just inside, at and past the last accepted end.
             4 => {
-                let end = (l.user_addr_max + 1) & !(page - 1);
+                let end = l.user_addr_max & !(page - 1);
                 let shift = [0, page, 2 * page][self.rng.below(3) as usize];
                 SlotCall {
                     size: page,

@@ -22,8 +22,8 @@ pub struct Limits {
     pub page_size: u64,
     /// The largest `userspace_addr + memory_size` the kernel's `access_ok` accepts.
     ///
-    /// x86-64 with 4-level paging: `TASK_SIZE_MAX - 1` = `0x7fff_ffff_efff`; the sum is page
-    /// aligned, so the last accepted end is one page below `TASK_SIZE_MAX`.
+    /// x86-64 with 4-level paging: `TASK_SIZE_MAX` = `0x7fff_ffff_f000` (measured with
+    /// `memslots conformance`: an end one page higher is refused, this one is accepted).
     pub user_addr_max: u64,
     /// Most pages one slot may have (`KVM_MEM_MAX_NR_PAGES` = 2^31 - 1).
     pub max_pages: u64,
@@ -47,7 +47,7 @@ impl Default for Limits {
             readonly: true,
             guest_memfd: false,
             page_size: PAGE_SIZE,
-            user_addr_max: 0x7fff_ffff_efff,
+            user_addr_max: 0x7fff_ffff_f000,
             max_pages: (1 << 31) - 1,
         }
     }

@@ -1,0 +1,101 @@
+//! `memslots conformance`: the model against the live kernel, or against a QEMU trace.
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use memslots::conformance::{run_random, run_trace, RandomRun, Report};
+use memslots::model::Limits;
+use memslots::trace::Trace;
+
+use crate::output::json_line;
+
+/// Arguments of `memslots conformance`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Number of random slot calls sent to a fresh VM and to the model.
+    #[arg(long, default_value_t = 20_000, conflicts_with = "trace")]
+    ops: u64,
+    /// Seed of the random calls (default: from the clock; printed either way).
+    #[arg(long, conflicts_with = "trace")]
+    seed: Option<u64>,
+    /// Predict the calls of a QEMU trace instead (no KVM needed).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Print the report as JSON on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the subcommand.
+pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
+    let report = match &args.trace {
+        Some(path) => {
+            let trace = Trace::from_file(path)?;
+            let report = run_trace(&trace, Limits::default());
+            println!(
+                "trace {}: {} calls, model predicted every result: {}",
+                path.display(),
+                report.calls,
+                report.mismatches == 0
+            );
+            report
+        }
+        None => {
+            let seed = args.seed.unwrap_or_else(clock_seed);
+            println!("conformance: {} random calls, seed {seed}", args.ops);
+            match run_random(RandomRun::new(args.ops, seed)) {
+                Ok(report) => report,
+                Err(err) => {
+                    return Err(format!(
+                        "{}; conformance needs /dev/kvm (the --trace form does not)",
+                        crate::output::chain(&err)
+                    )
+                    .into())
+                }
+            }
+        }
+    };
+    print_summary(&report);
+    if args.json {
+        json_line(&report)?;
+    }
+    Ok(if report.mismatches == 0 && !report.diverged {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_summary(r: &Report) {
+    println!(
+        "calls {}  accepted {}  rejected {}  mismatches {}",
+        r.calls, r.accepted, r.rejected, r.mismatches
+    );
+    if r.diverged {
+        println!("stopped early: the kernel accepted a call the model refuses");
+    }
+    if let Some(m) = &r.first_mismatch {
+        println!(
+            "first mismatch at call {} ({}): {}",
+            m.index, m.what, m.call
+        );
+        println!("  model:  {:?}", m.model);
+        println!("  kernel: {:?}", m.kernel);
+        if let Some(line) = m.line {
+            println!("  trace line {line}");
+        }
+        for slot in &m.layout {
+            println!(
+                "  slot {} gpa={:#x} size={:#x} ua={:#x} flags={:?}",
+                slot.id, slot.gpa, slot.size, slot.host, slot.flags
+            );
+        }
+    }
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
