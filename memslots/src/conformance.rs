@@ -7,6 +7,8 @@
 //! re-issue, move, resize or delete existing slots make any drift in the kernel's layout show as a
 //! disagreement in errno. [`run_trace`] predicts the result of each call of a QEMU trace.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::kvm::{KvmError, Vm};
@@ -89,6 +91,12 @@ pub struct Report {
     /// Whether the run stopped early because the kernel accepted a call the model refused, after
     /// which the two layouts can no longer be compared.
     pub diverged: bool,
+    /// How many calls the model refused under each rule (by [`Rule::name`]).
+    #[serde(skip)]
+    pub refused_by_rule: BTreeMap<&'static str, u64>,
+    /// How many calls the model classified as each change.
+    #[serde(skip)]
+    pub changes: BTreeMap<Change, u64>,
 }
 
 /// Errors that stop a conformance run before it starts.
@@ -426,6 +434,10 @@ impl Step {
         let mut predicted = layout.check(&self.call);
         if let Some(patch) = patch {
             predicted = patch(layout, &self.call, predicted);
+        }
+        match &predicted {
+            Ok(change) => *report.changes.entry(*change).or_default() += 1,
+            Err(rule) => *report.refused_by_rule.entry(rule.name()).or_default() += 1,
         }
         let model = Verdict::of_model(&predicted);
         let kernel = Verdict::of_kernel(self.kernel);

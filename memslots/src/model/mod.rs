@@ -19,3 +19,6 @@ pub use limits::Limits;
 pub use primitives::{Lowered, Primitive, PrimitiveError};
 pub use rules::{Change, Rule};
 pub use slot::{Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
+
+#[cfg(test)]
+mod tests;

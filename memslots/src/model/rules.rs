@@ -6,7 +6,7 @@ use std::fmt;
 use super::slot::SlotId;
 
 /// What an accepted slot call does, as KVM's `enum kvm_mr_change` (plus the no-op).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Change {
     /// A new slot (`KVM_MR_CREATE`).

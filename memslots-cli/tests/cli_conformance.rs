@@ -1,0 +1,121 @@
+//! `memslots conformance` driven as a user would: the binary, its output and exit status.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn memslots(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_memslots"))
+        .args(args)
+        .output()
+        .expect("run memslots")
+}
+
+fn last_json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().expect("output");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: /dev/kvm cannot be opened; the live conformance run did not run");
+    }
+    ok
+}
+
+fn temp_trace(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("memslots-{}-{name}.log", std::process::id()));
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .expect("write trace");
+    path
+}
+
+const TRACE: &str = "\
+kvm_set_user_memory Slot#0 flags=0x0 gpa=0x0 size=0xa0000 ua=0x7f0000000000 ret=0
+other_event whatever=1
+kvm_set_user_memory AddrSpace#0 Slot#1 flags=0x2 gpa=0xc0000 size=0x20000 ua=0x7f0000100000 ret=0
+kvm_set_user_memory AddrSpace#0 Slot#2 flags=0x0 gpa=0xc0000 size=0x1000 ua=0x7f0000200000 ret=-17
+1234@1700000000.123456:kvm_set_user_memory AddrSpace#0 Slot#1 flags=0x2 gpa=0xc0000 size=0x0 ua=0x7f0000100000 guest_memfd=-1 guest_memfd_offset=0x0 ret=0
+kvm_set_user_memory Slot#1 flags=0x0 gpa=0xc0000 size=0x20000 ua=0x7f0000100000 ret=0
+kvm_set_user_memory Slot#1 flags=0x1 gpa=0xc0000 size=0x20000 ua=0x7f0000100000 ret=0
+";
+
+#[test]
+fn trace_with_all_three_formats_is_predicted() {
+    let path = temp_trace("good", TRACE);
+    let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let json = last_json(&out);
+    assert_eq!(json["calls"], 6);
+    assert_eq!(json["accepted"], 5);
+    assert_eq!(json["rejected"], 1);
+    assert_eq!(json["mismatches"], 0);
+    assert!(json["first_mismatch"].is_null());
+}
+
+#[test]
+fn a_trace_the_model_disagrees_with_exits_1() {
+    // The kernel would refuse this resize in place; the trace claims it was accepted.
+    let bad = TRACE.replace("gpa=0xc0000 size=0x20000 ua=0x7f0000100000 ret=0\nkvm_set_user_memory Slot#1 flags=0x1",
+                            "gpa=0xc0000 size=0x20000 ua=0x7f0000100000 ret=0\nkvm_set_user_memory Slot#1 flags=0x1 gpa=0xc0000 size=0x30000 ua=0x7f0000100000 ret=0\nkvm_set_user_memory Slot#1 flags=0x1");
+    let path = temp_trace("disagree", &bad);
+    let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json = last_json(&out);
+    assert!(json["first_mismatch"]["line"].as_u64().is_some());
+}
+
+#[test]
+fn malformed_trace_line_is_named() {
+    let path = temp_trace(
+        "bad",
+        &format!("{TRACE}kvm_set_user_memory Slot#1 flags=0x0 gpa=zz size=0x0 ua=0x0 ret=0\n"),
+    );
+    let out = memslots(&["conformance", "--trace", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 8"), "{err}");
+}
+
+#[test]
+fn missing_file_and_bad_arguments_exit_2() {
+    let out = memslots(&["conformance", "--trace", "/nonexistent/trace.log"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/trace.log"));
+    let out = memslots(&["conformance", "--ops", "many"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = memslots(&["conformance", "--trace", "x", "--seed", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn live_conformance_json() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = memslots(&["conformance", "--ops", "3000", "--seed", "7", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let json = last_json(&out);
+    assert_eq!(json["calls"], 3000);
+    assert_eq!(json["mismatches"], 0);
+    let (a, r) = (
+        json["accepted"].as_u64().unwrap(),
+        json["rejected"].as_u64().unwrap(),
+    );
+    assert_eq!(a + r, 3000);
+    assert!(a > 0 && r > 0);
+}

@@ -1,0 +1,41 @@
+//! Every committed QEMU trace is predicted call for call by the model.
+
+use std::path::PathBuf;
+
+use memslots::conformance::run_trace;
+use memslots::model::Limits;
+use memslots::trace::Trace;
+
+fn traces() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn every_trace_is_predicted() {
+    let all = traces();
+    assert!(
+        all.len() >= 8,
+        "expected the captured traces, found {all:?}"
+    );
+    for path in all {
+        let trace = Trace::from_file(&path).expect("parses");
+        assert!(!trace.calls.is_empty(), "{}", path.display());
+        let report = run_trace(&trace, Limits::default());
+        assert_eq!(report.calls as usize, trace.calls.len());
+        assert_eq!(
+            report.mismatches,
+            0,
+            "{}: {:#?}",
+            path.display(),
+            report.first_mismatch
+        );
+        assert!(trace.commits().len() >= 2, "{}", path.display());
+    }
+}
