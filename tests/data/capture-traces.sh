@@ -28,7 +28,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="$HERE/traces"
 QEMU=qemu-system-x86_64
-RUN_SECS=${RUN_SECS:-5}          # how long the plain boot runs last
+RUN_SECS=${RUN_SECS:-7}          # how long the plain boot runs last
+SETTLE_SECS=${SETTLE_SECS:-5}    # SeaBIOS is done with PAM/PCI after ~2.5-4 s
 
 log() { printf '[capture] %s\n' "$*" >&2; }
 
@@ -106,12 +107,17 @@ describe() {
         END { printf "%d %d %d %d", n, commits, bad, other }' "$file")
     local n commits bad other
     read -r n commits bad other <<<"$stats"
-    local cmd
-    cmd=$(printf '%q ' "$@"); cmd=${cmd% }
+    # Shell-quote only the arguments that need it (printf %q would also
+    # escape the commas of -m 1024,slots=2,... which is legal but ugly).
+    local cmd="" arg
+    for arg in "$@"; do
+        if [[ $arg =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then cmd+="$arg "; else cmd+="'$arg' "; fi
+    done
+    cmd=${cmd% }
     # Make the command independent of where the repo is checked out.
     cmd=${cmd//"$OUT"/traces}
     local note=""
-    [[ -n ${NOTE:-} ]] && note=" then on the monitor: $NOTE"
+    [[ -n ${NOTE:-} ]] && note=" $NOTE"
     ROWS+=("| \`$name.log\` | \`$cmd\`$note | $n | $commits | $([[ $bad -eq 0 ]] && echo no || echo "yes ($bad)") | $other |")
     log "$name: $n lines, $commits commits, non-zero ret: $bad, other lines: $other"
 }
@@ -131,7 +137,15 @@ run_timed() {
         log "$name: qemu exited with $rc:"; cat "$TMP/$name.stderr" >&2
         return 1
     fi
-    describe "$name" timeout -s TERM "$secs" "${cmd[@]}"
+    # Some guests (OVMF under PVM-style nested KVM) die with an emulation
+    # failure; QEMU then just pauses the VM. Record it in the README.
+    if grep -q 'KVM internal error' "$TMP/$name.stderr"; then
+        log "$name: guest hit 'KVM internal error' (trace ends there)"
+        NOTE="(guest stopped early: QEMU reported \`KVM internal error. Suberror: 1\` / emulation failure on this host)" \
+            describe "$name" timeout -s TERM "$secs" "${cmd[@]}"
+    else
+        describe "$name" timeout -s TERM "$secs" "${cmd[@]}"
+    fi
 }
 
 # --- HMP monitor over a FIFO -------------------------------------------------
@@ -203,20 +217,22 @@ run_timed pc-512m-std-timestamps "$RUN_SECS" -M pc -m 512 -vga std -msg timestam
 
 # DIMM hot-plug: a new RAM region appears at the hot-plug area above 4G.
 mon_start pc-dimm-hotplug -M pc -m 1024,slots=2,maxmem=4G -vga std
-sleep 2                                   # let SeaBIOS do its thing first
+sleep "$SETTLE_SECS"                      # let SeaBIOS finish first
 mon_cmd object_add memory-backend-ram,id=mem1,size=512M
 mon_cmd device_add pc-dimm,id=dimm1,memdev=mem1
 mon_cmd info memory-devices
-mon_wait 'dimm1' 10
+mon_wait 'hotplugged: true' 10
 sleep 1
 mon_quit
-NOTE="(after 2 s) \`object_add memory-backend-ram,id=mem1,size=512M\`, \`device_add pc-dimm,id=dimm1,memdev=mem1\`, \`info memory-devices\`, (1 s) \`quit\`" \
+NOTE="then on the monitor: (after ${SETTLE_SECS} s) \`object_add memory-backend-ram,id=mem1,size=512M\`, \`device_add pc-dimm,id=dimm1,memdev=mem1\`, \`info memory-devices\`, (1 s) \`quit\`" \
     describe pc-dimm-hotplug "${MON_CMD[@]}"
 
 # Live migration to a sink: dirty logging (flags bit 0) is switched on slot by
-# slot when migration starts, and off again when it completes.
+# slot when migration starts.  QEMU postpones switching it off while the VM
+# is stopped (state "postmigrate" after completion), so we `cont` the VM
+# afterwards to see it switched off slot by slot as well.
 mon_start migration-dirty-log -M pc -m 512 -vga std
-sleep 2
+sleep "$SETTLE_SECS"
 mon_cmd 'migrate "exec:cat > /dev/null"'
 for _ in $(seq 60); do                    # poll until completed (max ~60 s)
     mon_cmd info migrate
@@ -224,9 +240,10 @@ for _ in $(seq 60); do                    # poll until completed (max ~60 s)
     grep -Eq 'Migration status: (completed|failed)' "$MON_OUT" && break
 done
 mon_wait 'Migration status: completed' 5
+mon_cmd cont
 sleep 1
 mon_quit
-NOTE="(after 2 s) \`migrate \"exec:cat > /dev/null\"\`, \`info migrate\` every second until completed, (1 s) \`quit\`" \
+NOTE="then on the monitor: (after ${SETTLE_SECS} s) \`migrate \"exec:cat > /dev/null\"\`, \`info migrate\` every second until completed, \`cont\`, (1 s) \`quit\`" \
     describe migration-dirty-log "${MON_CMD[@]}"
 
 # OVMF (optional).  -bios form: the whole image is a read-only ROM.
