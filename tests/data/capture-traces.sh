@@ -281,6 +281,16 @@ fi
     echo "| trace | command | lines | commits | non-zero ret | other |"
     echo "|---|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
+    echo
+    echo "Line formats seen (counted over all logs above):"
+    echo
+    echo "- with \`AddrSpace#N\`: $(cat "$OUT"/*.log | grep -c 'AddrSpace#' || true) lines"
+    echo "- with \`guest_memfd=\` fields: $(cat "$OUT"/*.log | grep -c 'guest_memfd=' || true) lines"
+    echo "- with a \`PID@SECONDS.MICROS:\` prefix: $(cat "$OUT"/*.log | grep -Ec '^[0-9]+@[0-9]+\.[0-9]+:' || true) lines" \
+         "(this QEMU prints it when run with \`-msg timestamp=on\`)"
+    echo
+    echo "The OVMF guests may stop early with a KVM emulation failure on some (nested) hosts; their"
+    echo "traces then only show the machine set-up, not the firmware's own PAM/PCI work."
 } >"$OUT/README.md"
 
 log "done: $OUT"
