@@ -74,7 +74,7 @@ fn decode(c: &[u8], layout: &Layout) -> SlotCall {
         }
         .set_call(),
         (6, _) => SlotCall {
-            gpa: raw.gpa | u64::from(c[7] & 3) * 0x400,
+            gpa: raw.gpa | (u64::from(c[7] & 3) * 0x400),
             size: raw.size | u64::from(c[7] >> 6),
             ..raw
         },
