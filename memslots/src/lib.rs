@@ -11,3 +11,4 @@ pub mod conformance;
 pub mod kvm;
 pub mod model;
 pub mod trace;
+pub mod workload;
