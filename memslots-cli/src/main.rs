@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod conformance;
 mod output;
 
@@ -21,12 +22,15 @@ struct Cli {
 enum Command {
     /// Hold the model against the running kernel (random calls) or a QEMU trace.
     Conformance(conformance::Args),
+    /// Measure slot-change costs, each beside a baseline run in turns with it.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Conformance(args) => conformance::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,
