@@ -1,7 +1,9 @@
 //! Criterion benches of the model at KVM's slot limit: a batch applied and reverted, hole analysis,
 //! and a primitive's lowering.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
 use memslots::model::{Layout, Limits, Primitive, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
 
 const HOST: u64 = 0x7f00_0000_0000;
