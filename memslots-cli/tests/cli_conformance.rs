@@ -28,12 +28,28 @@ fn kvm_usable() -> bool {
     ok
 }
 
-fn temp_trace(name: &str, text: &str) -> std::path::PathBuf {
+/// A trace file in the temp directory, removed when dropped.
+struct TempTrace(std::path::PathBuf);
+
+impl std::ops::Deref for TempTrace {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp_trace(name: &str, text: &str) -> TempTrace {
     let path = std::env::temp_dir().join(format!("memslots-{}-{name}.log", std::process::id()));
     std::fs::File::create(&path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .expect("write trace");
-    path
+    TempTrace(path)
 }
 
 const TRACE: &str = "\
