@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod conformance;
 mod output;
+mod stress;
 
 /// Change a running VM's KVM memory slots atomically, and measure it.
 #[derive(Parser, Debug)]
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Hold the model against the running kernel (random calls) or a QEMU trace.
     Conformance(conformance::Args),
+    /// Run a workload of layout changes on a real guest and count what it sees.
+    Stress(stress::Args),
     /// Measure slot-change costs, each beside a baseline run in turns with it.
     Bench(bench::Args),
 }
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Conformance(args) => conformance::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Stress(args) => stress::run_cli(args),
     };
     match result {
         Ok(code) => code,

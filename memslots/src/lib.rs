@@ -10,5 +10,6 @@
 pub mod conformance;
 pub mod kvm;
 pub mod model;
+pub mod stress;
 pub mod trace;
 pub mod workload;
