@@ -137,9 +137,10 @@ pub enum StressError {
 /// Checks that every page written while logging was on is reported by some harvest.
 ///
 /// A page counts as lost when its content changed since the last harvest, logging covered it at
-/// that harvest and at every update since, and this harvest does not report it. The harvest reads
-/// the bitmaps before the contents, so a write between the two shows up in the next harvest's
-/// bitmap and never as lost.
+/// that harvest and at every update since, and this harvest does not report it. Harvests run with
+/// the vCPUs parked: with them running, a write landing between reading the bitmaps and reading
+/// the contents would look lost, and no ordering of the two reads avoids that without hiding real
+/// losses.
 #[derive(Debug, Default)]
 pub struct DirtyCheck {
     ranges: Vec<(u64, u64)>,
@@ -183,20 +184,22 @@ impl DirtyCheck {
         if self.ranges.is_empty() {
             return;
         }
-        let reported = vm.dirty_pages();
-        self.reported += reported.len() as u64;
-        let arena = vm.arena();
-        for &(start, end) in &self.ranges {
-            for page in (start..end).step_by(PAGE_SIZE as usize) {
-                let now = [0, 4, 8, 12].map(|o| arena.read_u32(page + o));
-                let changed = self.snapshot.get(&page).is_some_and(|old| *old != now);
-                if changed && self.eligible.contains(&page) && !reported.contains(&page) {
-                    self.lost += 1;
+        vm.with_vcpus_parked(|vm| {
+            let reported = vm.dirty_pages();
+            self.reported += reported.len() as u64;
+            let arena = vm.arena();
+            for &(start, end) in &self.ranges {
+                for page in (start..end).step_by(PAGE_SIZE as usize) {
+                    let now = [0, 4, 8, 12].map(|o| arena.read_u32(page + o));
+                    let changed = self.snapshot.get(&page).is_some_and(|old| *old != now);
+                    if changed && self.eligible.contains(&page) && !reported.contains(&page) {
+                        self.lost += 1;
+                    }
+                    self.snapshot.insert(page, now);
                 }
-                self.snapshot.insert(page, now);
             }
-        }
-        self.eligible = self.logging(vm.layout());
+            self.eligible = self.logging(vm.layout());
+        });
     }
 }
 

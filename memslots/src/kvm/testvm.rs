@@ -330,6 +330,15 @@ impl TestVm {
         self.dirty.take()
     }
 
+    /// Runs `f` with every vCPU parked (for checks that must not race the guest).
+    pub fn with_vcpus_parked<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let gate = self.shared.gate.clone();
+        let held = gate.quiesce();
+        let result = f(self);
+        drop(held);
+        result
+    }
+
     /// Builds the device-side view from the layout and swaps it in.
     fn publish(&self) {
         let mut regions = Vec::new();
