@@ -1,0 +1,1 @@
+//! The QEMU-style listener API (filled in below).

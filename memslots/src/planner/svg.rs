@@ -1,0 +1,1 @@
+//! SVG drawings of guest physical maps (filled in below).
