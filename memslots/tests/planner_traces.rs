@@ -32,7 +32,9 @@ fn every_trace_meets_the_floors() {
         let mut layout = Layout::new(Limits::default());
         for c in &run.commits {
             let calls = c.plan.slot_calls();
-            let holes = layout.holes(&calls).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let holes = layout
+                .holes(&calls)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             let window = holes.quiesce_window();
             for (i, pc) in c.plan.calls.iter().enumerate() {
                 assert_eq!(
@@ -45,7 +47,9 @@ fn every_trace_meets_the_floors() {
             for h in &holes.holes {
                 assert!(window.contains(&h.opened_by) && window.contains(&h.closed_by));
             }
-            layout.apply_batch(&calls).unwrap_or_else(|e| panic!("{name}: {e}"));
+            layout
+                .apply_batch(&calls)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(MemoryMap::from_layout(&layout), c.commit.target, "{name}");
         }
         let t = run.totals();
@@ -59,13 +63,22 @@ fn every_trace_meets_the_floors() {
             t.qemu.zapped_bytes
         );
         if 2 * t.quiesced_ioctls > t.qemu.inhibited_ioctls {
-            failures.push(format!("{name}: quiesced {} > half of {}", t.quiesced_ioctls, t.qemu.inhibited_ioctls));
+            failures.push(format!(
+                "{name}: quiesced {} > half of {}",
+                t.quiesced_ioctls, t.qemu.inhibited_ioctls
+            ));
         }
         if 1000 * t.zapped_bytes > t.qemu.zapped_bytes {
-            failures.push(format!("{name}: zapped {:#x} > 0.1% of {:#x}", t.zapped_bytes, t.qemu.zapped_bytes));
+            failures.push(format!(
+                "{name}: zapped {:#x} > 0.1% of {:#x}",
+                t.zapped_bytes, t.qemu.zapped_bytes
+            ));
         }
         if 5 * t.ioctls > 6 * t.qemu.ioctls {
-            failures.push(format!("{name}: ioctls {} > 1.2 x {}", t.ioctls, t.qemu.ioctls));
+            failures.push(format!(
+                "{name}: ioctls {} > 1.2 x {}",
+                t.ioctls, t.qemu.ioctls
+            ));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");

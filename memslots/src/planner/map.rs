@@ -469,7 +469,10 @@ impl MapFile {
                         name: name.clone(),
                     })?;
                     let offset = e.offset.map_or(0, |o| o.0);
-                    if offset.checked_add(e.size.0).is_none_or(|end| end > b.size.0) {
+                    if offset
+                        .checked_add(e.size.0)
+                        .is_none_or(|end| end > b.size.0)
+                    {
                         return Err(MapError::OutsideBacking {
                             at: at(),
                             name: name.clone(),

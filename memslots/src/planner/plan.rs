@@ -267,7 +267,10 @@ pub fn plan_with(
 
     let mut scratch = current.clone();
     let applied = scratch.check_batch(&raw).map_err(PlanError::Refused)?;
-    let window = scratch.holes(&raw).map_err(PlanError::Refused)?.quiesce_window();
+    let window = scratch
+        .holes(&raw)
+        .map_err(PlanError::Refused)?
+        .quiesce_window();
     Ok(Plan {
         calls: calls
             .iter()
@@ -291,12 +294,7 @@ fn intersects(regions: &[Region], s: u64, e: u64) -> bool {
 
 /// Decides, for one address space, which slots stay, change flags, move or go, and the new
 /// slots' ranges (in GPA order).
-fn plan_space(
-    slots: &[Slot],
-    regions: &[Region],
-    policy: &CutPolicy,
-    max_bytes: u64,
-) -> SpacePlan {
+fn plan_space(slots: &[Slot], regions: &[Region], policy: &CutPolicy, max_bytes: u64) -> SpacePlan {
     let mut sp = SpacePlan::default();
     // 1. Keep every slot whose whole range maps identically (READONLY included).
     let mut kept: Vec<(u64, u64)> = Vec::new();
@@ -313,7 +311,13 @@ fn plan_space(
             Some(r) => {
                 kept.push((s.gpa, s.end()));
                 if r.flags != s.flags {
-                    sp.flags.push(Slot { flags: r.flags, ..*s }.set_call());
+                    sp.flags.push(
+                        Slot {
+                            flags: r.flags,
+                            ..*s
+                        }
+                        .set_call(),
+                    );
                 }
             }
             None => dead.push(*s),
@@ -353,8 +357,7 @@ fn plan_space(
             .take(4)
             .map(|(_, p)| *p)
             .find(|p| {
-                p.host + p.size >= s.host + s.size
-                    && p.flags.readonly() == s.flags.readonly()
+                p.host + p.size >= s.host + s.size && p.flags.readonly() == s.flags.readonly()
             });
         match found {
             Some(p) if p.gpa + (s.host - p.host) != s.gpa => {

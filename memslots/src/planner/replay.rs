@@ -89,11 +89,13 @@ pub fn qemu_commits(trace: &Trace, limits: Limits) -> Result<Vec<QemuCommit>, Re
             if !tc.accepted() {
                 continue;
             }
-            let applied = layout.apply(&tc.call).map_err(|rule| ReplayError::Refused {
-                line: tc.line,
-                call: tc.call,
-                rule,
-            })?;
+            let applied = layout
+                .apply(&tc.call)
+                .map_err(|rule| ReplayError::Refused {
+                    line: tc.line,
+                    call: tc.call,
+                    rule,
+                })?;
             if applied.change.zaps() {
                 let old = applied.before.expect("a delete or move has an old slot");
                 zapped += old.size;
@@ -104,11 +106,9 @@ pub fn qemu_commits(trace: &Trace, limits: Limits) -> Result<Vec<QemuCommit>, Re
                 added.push((new.id.address_space, new.gpa, new.end()));
             }
         }
-        let overlap = deleted.iter().any(|d| {
-            added
-                .iter()
-                .any(|a| a.0 == d.0 && a.1 < d.2 && d.1 < a.2)
-        });
+        let overlap = deleted
+            .iter()
+            .any(|d| added.iter().any(|a| a.0 == d.0 && a.1 < d.2 && d.1 < a.2));
         out.push(QemuCommit {
             first_line: trace.calls[range.start].line,
             last_line: trace.calls[range.end - 1].line,
