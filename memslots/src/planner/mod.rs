@@ -17,7 +17,7 @@ mod policy;
 pub mod replay;
 pub mod svg;
 
-// pub use listener::{Listener, ListenerError, Section};
+pub use listener::{Listener, ListenerError, Section};
 pub use map::{MapError, MemoryMap, Region};
 pub use plan::{plan, plan_with, Plan, PlanError, PlannedCall};
 pub use policy::CutPolicy;

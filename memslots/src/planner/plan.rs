@@ -258,32 +258,31 @@ pub fn plan_with(
         }
     }
 
-    let mut calls: Vec<(SlotCall, u64)> = head;
-    calls.extend(open);
-    calls.extend(moves_open);
-    calls.extend(close.into_iter().map(|c| (c, 0)));
-    calls.extend(tail.into_iter().map(|c| (c, 0)));
-    let raw: Vec<SlotCall> = calls.iter().map(|c| c.0).collect();
-
-    let mut scratch = current.clone();
-    let applied = scratch.check_batch(&raw).map_err(PlanError::Refused)?;
-    let window = scratch
-        .holes(&raw)
-        .map_err(PlanError::Refused)?
-        .quiesce_window();
-    Ok(Plan {
-        calls: calls
-            .iter()
-            .zip(applied)
-            .enumerate()
-            .map(|(i, ((call, zapped), a))| PlannedCall {
-                call: *call,
-                change: a.change,
-                quiesced: window.contains(&i),
-                zapped_bytes: if a.change.zaps() { *zapped } else { 0 },
-            })
-            .collect(),
-    })
+    // The quiesce window runs from the first hole-opening call to the last hole-closing one:
+    // exactly the `open`, `moves_open` and `close` groups, in that order. The tests hold this
+    // against the model's own hole analysis (`Layout::holes`).
+    let mut calls: Vec<PlannedCall> =
+        Vec::with_capacity(head.len() + open.len() + moves_open.len() + close.len() + tail.len());
+    let planned = |(call, zapped): (SlotCall, u64), quiesced: bool| PlannedCall {
+        call,
+        change: if call.is_delete() {
+            Change::Delete
+        } else if zapped > 0 && current.slot(call.id()).is_some_and(|s| s.gpa != call.gpa) {
+            Change::Move
+        } else if current.slot(call.id()).is_some() {
+            Change::FlagsOnly
+        } else {
+            Change::Create
+        },
+        quiesced,
+        zapped_bytes: zapped,
+    };
+    calls.extend(head.into_iter().map(|c| planned(c, false)));
+    calls.extend(open.into_iter().map(|c| planned(c, true)));
+    calls.extend(moves_open.into_iter().map(|c| planned(c, true)));
+    calls.extend(close.into_iter().map(|c| planned((c, 0), true)));
+    calls.extend(tail.into_iter().map(|c| planned((c, 0), false)));
+    Ok(Plan { calls })
 }
 
 /// Whether any region overlaps `[s, e)`.
@@ -450,17 +449,44 @@ fn order_moves(moves: Vec<Moved>) -> (Vec<Moved>, Vec<Moved>) {
     }
     let mut ready: Vec<usize> = (0..n).filter(|&i| blockers[i] == 0).collect();
     let mut order = Vec::with_capacity(n);
-    while let Some(i) = ready.pop() {
-        order.push(i);
+    let mut broken = Vec::new();
+    let mut done = vec![false; n];
+    let mut next_stuck = 0;
+    loop {
+        while let Some(i) = ready.pop() {
+            done[i] = true;
+            order.push(i);
+            for &w in &waits_for[i] {
+                if !done[w] {
+                    blockers[w] -= 1;
+                    if blockers[w] == 0 {
+                        ready.push(w);
+                    }
+                }
+            }
+        }
+        // Every move left waits in a cycle: turn one into delete + create, which frees its old
+        // range before any move runs.
+        while next_stuck < n && done[next_stuck] {
+            next_stuck += 1;
+        }
+        if next_stuck == n {
+            break;
+        }
+        let i = next_stuck;
+        done[i] = true;
+        broken.push(i);
         for &w in &waits_for[i] {
-            blockers[w] -= 1;
-            if blockers[w] == 0 {
-                ready.push(w);
+            if !done[w] {
+                blockers[w] -= 1;
+                if blockers[w] == 0 {
+                    ready.push(w);
+                }
             }
         }
     }
     let mut slots: Vec<Option<Moved>> = moves.into_iter().map(Some).collect();
     let ordered: Vec<Moved> = order.iter().filter_map(|&i| slots[i].take()).collect();
-    let broken: Vec<Moved> = slots.into_iter().flatten().collect();
+    let broken: Vec<Moved> = broken.iter().filter_map(|&i| slots[i].take()).collect();
     (ordered, broken)
 }
