@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod conformance;
 mod output;
+mod plan;
 
 /// Change a running VM's KVM memory slots atomically, and measure it.
 #[derive(Parser, Debug)]
@@ -21,12 +22,15 @@ struct Cli {
 enum Command {
     /// Hold the model against the running kernel (random calls) or a QEMU trace.
     Conformance(conformance::Args),
+    /// Plan a QEMU trace's commits (or one change between two JSON maps) and compare with QEMU.
+    Plan(plan::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Conformance(args) => conformance::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     match result {
         Ok(code) => code,

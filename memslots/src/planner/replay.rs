@@ -124,6 +124,54 @@ pub fn qemu_commits(trace: &Trace, limits: Limits) -> Result<Vec<QemuCommit>, Re
     Ok(out)
 }
 
+/// What QEMU's KVM listener would do between two maps: delete every region of `from` that does
+/// not stay identical, re-create every region of `to` that is new, and re-issue a region whose only
+/// change is dirty logging as a flags-only call. Each joined region counts as one QEMU section.
+pub fn qemu_equivalent(from: &MemoryMap, to: &MemoryMap) -> QemuFigures {
+    use crate::model::SlotFlags;
+    let key = |r: &super::map::Region| {
+        (
+            r.address_space,
+            r.gpa,
+            r.size,
+            r.host,
+            r.flags.with(SlotFlags::LOG_DIRTY_PAGES, false).bits(),
+        )
+    };
+    let old: std::collections::BTreeMap<_, _> =
+        from.regions().iter().map(|r| (key(r), *r)).collect();
+    let new: std::collections::BTreeMap<_, _> = to.regions().iter().map(|r| (key(r), *r)).collect();
+    let mut figures = QemuFigures::default();
+    let mut deleted = Vec::new();
+    let mut added = Vec::new();
+    for (k, r) in &old {
+        match new.get(k) {
+            Some(n) if n.flags != r.flags => figures.ioctls += 1,
+            Some(_) => {}
+            None => {
+                figures.ioctls += 1;
+                figures.zapped_bytes += r.size;
+                deleted.push(*r);
+            }
+        }
+    }
+    for (k, r) in &new {
+        if !old.contains_key(k) {
+            figures.ioctls += 1;
+            added.push(*r);
+        }
+    }
+    let overlap = deleted.iter().any(|d| {
+        added
+            .iter()
+            .any(|a| a.address_space == d.address_space && a.gpa < d.end() && d.gpa < a.end())
+    });
+    if overlap {
+        figures.inhibited_ioctls = figures.ioctls;
+    }
+    figures
+}
+
 /// One commit replayed: QEMU's commit, the map before it, and the plan.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct CommitReplay {
