@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod conformance;
 mod output;
 mod plan;
@@ -24,6 +25,8 @@ enum Command {
     Conformance(conformance::Args),
     /// Plan a QEMU trace's commits (or one change between two JSON maps) and compare with QEMU.
     Plan(plan::Args),
+    /// Measure slot-change costs, each beside a baseline run in turns with it.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Conformance(args) => conformance::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

@@ -28,12 +28,28 @@ fn kvm_usable() -> bool {
     ok
 }
 
-fn temp_trace(name: &str, text: &str) -> std::path::PathBuf {
+/// A trace file in the temp directory, removed when dropped.
+struct TempTrace(std::path::PathBuf);
+
+impl std::ops::Deref for TempTrace {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp_trace(name: &str, text: &str) -> TempTrace {
     let path = std::env::temp_dir().join(format!("memslots-{}-{name}.log", std::process::id()));
     std::fs::File::create(&path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .expect("write trace");
-    path
+    TempTrace(path)
 }
 
 const TRACE: &str = "\
@@ -103,19 +119,25 @@ fn live_conformance_json() {
     if !kvm_usable() {
         return;
     }
-    let out = memslots(&["conformance", "--ops", "3000", "--seed", "7", "--json"]);
+    // A new seed every run (printed, so a failure can be replayed with --seed).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs())
+        .to_string();
+    eprintln!("live conformance seed {seed}");
+    let out = memslots(&["conformance", "--ops", "20000", "--seed", &seed, "--json"]);
     assert!(
         out.status.success(),
-        "{}",
+        "seed {seed}: {}",
         String::from_utf8_lossy(&out.stdout)
     );
     let json = last_json(&out);
-    assert_eq!(json["calls"], 3000);
+    assert_eq!(json["calls"], 20000);
     assert_eq!(json["mismatches"], 0);
     let (a, r) = (
         json["accepted"].as_u64().unwrap(),
         json["rejected"].as_u64().unwrap(),
     );
-    assert_eq!(a + r, 3000);
+    assert_eq!(a + r, 20000);
     assert!(a > 0 && r > 0);
 }

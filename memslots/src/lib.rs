@@ -13,3 +13,4 @@ pub mod kvm;
 pub mod model;
 pub mod planner;
 pub mod trace;
+pub mod workload;

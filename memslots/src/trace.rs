@@ -108,6 +108,48 @@ impl Trace {
     }
 }
 
+/// QEMU's host memory as a trace shows it: the union of every slot's host range, cut into
+/// maximal runs. Ranges that overlap or touch belong to one run (QEMU aliases ROM into several
+/// slots), so a replay that gives each run its own backing keeps every offset.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct HostRuns {
+    /// `(start, end)` of each run, sorted, disjoint and not touching.
+    pub runs: Vec<(u64, u64)>,
+}
+
+impl HostRuns {
+    /// The runs of every non-delete call of `trace` (accepted or not).
+    pub fn of(trace: &Trace) -> Self {
+        let mut ranges: Vec<(u64, u64)> = trace
+            .calls
+            .iter()
+            .filter(|c| !c.call.is_delete())
+            .map(|c| (c.call.host, c.call.host.saturating_add(c.call.size)))
+            .collect();
+        ranges.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in ranges {
+            match runs.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => runs.push((start, end)),
+            }
+        }
+        HostRuns { runs }
+    }
+
+    /// The run holding `host`, as its index and the offset of `host` in it.
+    pub fn locate(&self, host: u64) -> Option<(usize, u64)> {
+        let i = self.runs.partition_point(|r| r.1 <= host);
+        let (start, end) = *self.runs.get(i)?;
+        (start <= host && host < end).then(|| (i, host - start))
+    }
+
+    /// Total bytes of all runs.
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.1 - r.0).sum()
+    }
+}
+
 fn malformed(line: usize, reason: impl Into<String>) -> TraceError {
     TraceError::Malformed {
         line,
@@ -221,6 +263,32 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn host_runs_merge_aliases() {
+        let line = |slot: u32, gpa: u64, size: u64, ua: u64| {
+            format!("kvm_set_user_memory Slot#{slot} flags=0x0 gpa={gpa:#x} size={size:#x} ua={ua:#x} ret=0")
+        };
+        let text = [
+            line(0, 0, 0xa0000, 0x1000_0000),
+            line(1, 0xfffc0000, 0x40000, 0x2000_0000),
+            // An alias of the ROM's upper half, and a delete (ignored).
+            line(2, 0xe0000, 0x20000, 0x2002_0000),
+            line(2, 0xe0000, 0, 0x9999_0000),
+            // Touching the RAM run: one run.
+            line(3, 0x100000, 0x1000, 0x100a_0000),
+        ]
+        .join("\n");
+        let runs = HostRuns::of(&Trace::parse(&text).unwrap());
+        assert_eq!(
+            runs.runs,
+            vec![(0x1000_0000, 0x100a_1000), (0x2000_0000, 0x2004_0000)]
+        );
+        assert_eq!(runs.locate(0x2002_0000), Some((1, 0x20000)));
+        assert_eq!(runs.locate(0x2004_0000), None);
+        assert_eq!(runs.locate(0x0fff_ffff), None);
+        assert_eq!(runs.bytes(), 0xa1000 + 0x40000);
     }
 
     #[test]

@@ -1,0 +1,165 @@
+//! Fuzz harnesses: each takes arbitrary bytes and checks the library's promises on them, panicking on
+//! a broken one. Shared by the cargo-fuzz targets and by `memslots/tests/fuzz_regressions.rs`, which
+//! replays every saved input in `fuzz/regressions/<target>/`.
+
+#![allow(dead_code)]
+
+use memslots::conformance::run_trace;
+use memslots::model::{Layout, Limits, Mapping, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
+use memslots::trace::{Trace, TraceError, EVENT};
+
+/// The trace parser: never panics; what it accepts is consistent; what it refuses names a real line.
+pub fn trace(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let lines: Vec<&str> = text.lines().collect();
+    match Trace::parse(&text) {
+        Ok(trace) => {
+            let mut last = 0;
+            for call in &trace.calls {
+                assert!(
+                    call.line > last && call.line <= lines.len(),
+                    "line numbers rise"
+                );
+                assert!(lines[call.line - 1].contains(EVENT));
+                last = call.line;
+            }
+            // Commits partition the calls, in order, with no empty commit.
+            let commits = trace.commits();
+            let mut at = 0;
+            for c in &commits {
+                assert_eq!(c.start, at);
+                assert!(c.end > c.start);
+                at = c.end;
+            }
+            assert_eq!(at, trace.calls.len());
+            let report = run_trace(&trace, Limits::default());
+            assert!(report.calls as usize <= trace.calls.len());
+            assert_eq!(report.accepted + report.rejected, report.calls);
+        }
+        Err(TraceError::Malformed { line, .. }) => {
+            assert!(
+                line >= 1 && line <= lines.len(),
+                "line {line} of {}",
+                lines.len()
+            );
+            assert!(lines[line - 1].contains(EVENT));
+        }
+        Err(TraceError::Io { .. }) => unreachable!("no file is read"),
+    }
+}
+
+const P: u64 = PAGE_SIZE;
+const GPA_PAGES: u64 = 64;
+const HOST: u64 = 0x7f00_0000_0000;
+
+/// A call decoded from 8 bytes against the current layout: mostly near-valid, sometimes not.
+fn decode(c: &[u8], layout: &Layout) -> SlotCall {
+    let space = u16::from(c[6] % 16 == 0);
+    let id = SlotId::in_space(space, u16::from(c[0] % 8));
+    let existing = layout.slot(id).copied();
+    let raw = SlotCall {
+        slot: id.raw(),
+        flags: u32::from(c[5] % 8),
+        gpa: u64::from(c[2]) % GPA_PAGES * P,
+        size: (1 + u64::from(c[3] % 16)) * P,
+        host: HOST + u64::from(c[4]) * P,
+    };
+    match (c[1] % 8, existing) {
+        (3, Some(s)) => s.delete_call(),
+        (3, None) => SlotCall { size: 0, ..raw },
+        (4, Some(s)) => Slot { gpa: raw.gpa, ..s }.set_call(),
+        (5, Some(s)) => Slot {
+            flags: SlotFlags(s.flags.bits() ^ 1),
+            ..s
+        }
+        .set_call(),
+        (6, _) => SlotCall {
+            gpa: raw.gpa | (u64::from(c[7] & 3) * 0x400),
+            size: raw.size | u64::from(c[7] >> 6),
+            ..raw
+        },
+        (7, Some(s)) => s.set_call(),
+        _ => raw,
+    }
+}
+
+fn mapping(layout: &Layout, space: u16, page: u64) -> Option<Mapping> {
+    layout.find(space, page * P).map(|s| Mapping {
+        host: s.host_of(page * P),
+        readonly: s.flags.readonly(),
+    })
+}
+
+/// Batch validation and hole analysis: all or nothing, equal to one-by-one, holes as a page oracle
+/// sees them.
+pub fn batch(data: &[u8]) {
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let chunks: Vec<&[u8]> = rest.chunks_exact(8).collect();
+    let setup_len = usize::from(split) % (chunks.len() + 1);
+    let mut layout = Layout::new(Limits::default());
+    for c in &chunks[..setup_len] {
+        let call = decode(c, &layout);
+        let _ = layout.apply(&call);
+    }
+    let start = layout.clone();
+    // The batch is decoded against the layout as each call would find it if all were accepted.
+    let mut scratch = start.clone();
+    let calls: Vec<SlotCall> = chunks[setup_len..]
+        .iter()
+        .map(|c| {
+            let call = decode(c, &scratch);
+            let _ = scratch.apply(&call);
+            call
+        })
+        .collect();
+    match layout.apply_batch(&calls) {
+        Err(err) => {
+            assert_eq!(layout, start, "a refused batch leaves the layout unchanged");
+            let mut probe = start.clone();
+            for call in &calls[..err.index] {
+                probe
+                    .apply(call)
+                    .expect("calls before the refused one are accepted");
+            }
+            assert_eq!(probe.apply(&calls[err.index]).unwrap_err(), err.rule);
+            let mut again = start.clone();
+            assert_eq!(again.holes(&calls).unwrap_err(), err);
+            assert_eq!(again, start);
+        }
+        Ok(done) => {
+            let mut one_by_one = start.clone();
+            for call in &calls {
+                one_by_one.apply(call).expect("accepted one by one");
+            }
+            assert_eq!(layout, one_by_one);
+            let end = layout.clone();
+            layout.revert_all(&done);
+            assert_eq!(layout, start);
+            let report = layout.holes(&calls).expect("valid batch");
+            assert_eq!(layout, start, "hole analysis changes nothing");
+            let mut now = start.clone();
+            for (i, call) in calls.iter().enumerate() {
+                now.apply(call).expect("valid");
+                for space in 0..2 {
+                    for page in 0..GPA_PAGES + 16 {
+                        let (o, n, c) = (
+                            mapping(&start, space, page),
+                            mapping(&end, space, page),
+                            mapping(&now, space, page),
+                        );
+                        let bad = o.is_some() && n.is_some() && c != o && c != n;
+                        let reported = report.holes.iter().any(|h| {
+                            h.range.address_space == space
+                                && (h.opened_by..h.closed_by).contains(&i)
+                                && h.range.start <= page * P
+                                && page * P < h.range.end
+                        });
+                        assert_eq!(bad, reported, "call {i} page {page} space {space}");
+                    }
+                }
+            }
+        }
+    }
+}

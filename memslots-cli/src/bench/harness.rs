@@ -1,0 +1,75 @@
+//! Interleaved A/B measurement: medians and ratios of two things measured in turns in one process,
+//! so that a noisy, shared machine slows both alike.
+
+use serde::Serialize;
+
+/// One reported figure beside its baseline.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    /// Stable name (read by tools).
+    pub name: String,
+    /// Unit of `value` and `baseline_value`.
+    pub unit: &'static str,
+    /// The figure.
+    pub value: f64,
+    /// What it is compared with.
+    pub baseline_name: String,
+    /// The baseline's figure, measured in the same run.
+    pub baseline_value: f64,
+    /// `value / baseline_value`.
+    pub ratio: f64,
+}
+
+impl Figure {
+    /// A figure and its baseline.
+    pub fn new(
+        name: impl Into<String>,
+        unit: &'static str,
+        value: f64,
+        baseline_name: impl Into<String>,
+        baseline_value: f64,
+    ) -> Self {
+        Figure {
+            name: name.into(),
+            unit,
+            value,
+            baseline_name: baseline_name.into(),
+            baseline_value,
+            ratio: if baseline_value > 0.0 {
+                value / baseline_value
+            } else {
+                f64::NAN
+            },
+        }
+    }
+}
+
+/// The `q` quantile (0..=1) of `samples` (sorted in place).
+pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(f64::total_cmp);
+    let i = ((samples.len() - 1) as f64 * q).round() as usize;
+    samples[i]
+}
+
+/// The median of `samples`.
+pub fn median(samples: &mut [f64]) -> f64 {
+    quantile(samples, 0.5)
+}
+
+/// Runs `a` and `b` in turns, `rounds` times each, and returns their samples.
+pub fn interleave<A, B>(rounds: usize, mut a: A, mut b: B) -> (Vec<f64>, Vec<f64>)
+where
+    A: FnMut() -> f64,
+    B: FnMut() -> f64,
+{
+    let mut xs = Vec::with_capacity(rounds);
+    let mut ys = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        xs.push(a());
+        ys.push(b());
+    }
+    (xs, ys)
+}

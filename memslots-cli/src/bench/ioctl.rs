@@ -1,0 +1,185 @@
+//! Raw slot ioctl cost on this kernel: create, delete, move and flags-only with 10, 509 and 32,764
+//! slots present. Each op at n slots is measured in turns with the same op at 10 slots; at 10 slots
+//! the baseline is a null ioctl (`KVM_CHECK_EXTENSION`), the syscall floor.
+
+use std::error::Error;
+use std::time::Instant;
+
+use kvm_ioctls::Cap;
+use memslots::kvm::Vm;
+use memslots::model::{Slot, SlotFlags, SlotId, PAGE_SIZE};
+
+use super::harness::{interleave, median, Figure};
+
+/// A VM holding `n` one-page slots, and a spare slot the ops work on.
+struct Filled {
+    // Declared before `pool`: the VM (and its slots) must go before the memory behind them.
+    vm: Vm,
+    spare: Slot,
+    log: bool,
+    moved: bool,
+    exists: bool,
+    _pool: vm_memory::MmapRegion<()>,
+}
+
+impl Filled {
+    fn new(n: u16) -> Result<Self, Box<dyn Error>> {
+        let pool = vm_memory::MmapRegion::<()>::new((usize::from(n) + 1) * PAGE_SIZE as usize)?;
+        let vm = Vm::new()?;
+        let base = pool.as_ptr() as u64;
+        for id in 0..n {
+            let slot = Slot {
+                id: SlotId::new(id),
+                gpa: u64::from(id) * 2 * PAGE_SIZE,
+                size: PAGE_SIZE,
+                host: base + u64::from(id) * PAGE_SIZE,
+                flags: SlotFlags::NONE,
+            };
+            // SAFETY: `pool` lives as long as `vm` (see the field order of `Filled`); no vCPU runs.
+            unsafe { vm.set_region(&slot.set_call()) }
+                .map_err(|e| format!("creating slot {id} of {n}: errno {e}"))?;
+        }
+        let spare = Slot {
+            id: SlotId::new(n),
+            gpa: 1 << 40,
+            size: PAGE_SIZE,
+            host: base + u64::from(n) * PAGE_SIZE,
+            flags: SlotFlags::NONE,
+        };
+        Ok(Filled {
+            vm,
+            spare,
+            log: false,
+            moved: false,
+            exists: false,
+            _pool: pool,
+        })
+    }
+
+    fn call(&self, slot: &Slot, delete: bool) -> f64 {
+        let call = if delete {
+            slot.delete_call()
+        } else {
+            slot.set_call()
+        };
+        let t = Instant::now();
+        // SAFETY: the spare slot's page is in the pool, which outlives the VM.
+        let r = unsafe { self.vm.set_region(&call) };
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        assert!(r.is_ok(), "slot call refused: {call} errno {r:?}");
+        us
+    }
+
+    fn current(&self) -> Slot {
+        Slot {
+            gpa: if self.moved {
+                self.spare.gpa + 4 * PAGE_SIZE
+            } else {
+                self.spare.gpa
+            },
+            flags: if self.log {
+                SlotFlags::LOG_DIRTY_PAGES
+            } else {
+                SlotFlags::NONE
+            },
+            ..self.spare
+        }
+    }
+
+    fn ensure(&mut self, exists: bool) {
+        if self.exists != exists {
+            let s = self.current();
+            self.call(&s, !exists);
+            self.exists = exists;
+        }
+    }
+
+    fn op(&mut self, op: Op) -> f64 {
+        match op {
+            Op::Create => {
+                self.ensure(false);
+                let s = self.current();
+                self.exists = true;
+                self.call(&s, false)
+            }
+            Op::Delete => {
+                self.ensure(true);
+                let s = self.current();
+                self.exists = false;
+                self.call(&s, true)
+            }
+            Op::Move => {
+                self.ensure(true);
+                self.moved = !self.moved;
+                let s = self.current();
+                self.call(&s, false)
+            }
+            Op::FlagsOnly => {
+                self.ensure(true);
+                self.log = !self.log;
+                let s = self.current();
+                self.call(&s, false)
+            }
+            Op::Null => {
+                let t = Instant::now();
+                std::hint::black_box(self.vm.fd().check_extension(Cap::NrMemslots));
+                t.elapsed().as_secs_f64() * 1e6
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Create,
+    Delete,
+    Move,
+    FlagsOnly,
+    Null,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Delete => "delete",
+            Op::Move => "move",
+            Op::FlagsOnly => "flags_only",
+            Op::Null => "null_ioctl",
+        }
+    }
+}
+
+/// Measures every op at every size against its baseline.
+pub fn run(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
+    let rounds = if quick { 200 } else { 2000 };
+    let mut small = Filled::new(10)?;
+    let mut out = Vec::new();
+    for n in [10u16, 509, 32_763] {
+        // n filler slots plus the spare: 10, 510 and 32,764 slots while the op runs.
+        let mut big = if n == 10 { None } else { Some(Filled::new(n)?) };
+        let total = u32::from(n) + 1;
+        let shown = if n == 32_763 { 32_764 } else { total - 1 };
+        for op in [Op::Create, Op::Delete, Op::Move, Op::FlagsOnly] {
+            let (mut a, mut b, base) = match big.as_mut() {
+                Some(big) => {
+                    let (a, b) = interleave(rounds, || big.op(op), || small.op(op));
+                    (a, b, format!("ioctl_{}_10", op.name()))
+                }
+                None => {
+                    let mut null = Filled::new(0)?;
+                    let (a, b) = interleave(rounds, || small.op(op), || null.op(Op::Null));
+                    (a, b, "null_ioctl".to_owned())
+                }
+            };
+            out.push(Figure::new(
+                format!("ioctl_{}_{shown}", op.name()),
+                "us",
+                median(&mut a),
+                base,
+                median(&mut b),
+            ));
+        }
+    }
+    Ok(out)
+}
