@@ -332,3 +332,47 @@ fn a_full_32764_slot_layout_change() {
     layout.apply_batch(&plan.slot_calls()).unwrap();
     assert_eq!(MemoryMap::from_layout(&layout), target);
 }
+
+#[test]
+fn merge_costs_nothing_and_unplug_is_hole_free() {
+    // Two slots that continue each other already map the joined region: no call at all.
+    let mut layout = start(&[ram(0, 0x10_0000), ram(0x10_0000, 0x10_0000)]);
+    assert_eq!(
+        layout.len(),
+        1,
+        "the map joins them, so the boot plan made one slot"
+    );
+    let two = {
+        let mut l = Layout::new(Limits::default());
+        for (i, r) in [ram(0, 0x10_0000), ram(0x10_0000, 0x10_0000)]
+            .iter()
+            .enumerate()
+        {
+            let slot = memslots::model::Slot {
+                id: SlotId::new(i as u16),
+                gpa: r.gpa,
+                size: r.size,
+                host: r.host,
+                flags: r.flags,
+            };
+            l.apply(&slot.set_call()).unwrap();
+        }
+        l
+    };
+    let merged = map(&[ram(0, 0x20_0000)]);
+    assert!(plan(&two, &merged).unwrap().is_empty());
+    // A DIMM is unplugged: its slot goes while vCPUs run.
+    let dimm = ram(0x1_0000_0000, 0x2000_0000);
+    step(
+        &mut layout,
+        &map(&[ram(0, 0x20_0000), dimm]),
+        &CutPolicy::x86_pc(),
+    );
+    let plan = step(
+        &mut layout,
+        &map(&[ram(0, 0x20_0000)]),
+        &CutPolicy::x86_pc(),
+    );
+    assert_eq!(changes(&plan), vec![Change::Delete]);
+    assert_eq!(plan.quiesced_ioctls(), 0);
+}
