@@ -26,7 +26,7 @@ pub struct Frame<'a> {
 const WIDTH: f64 = 1200.0;
 const LEFT: f64 = 70.0;
 const BAR: f64 = 22.0;
-const FRAME_HEIGHT: f64 = 190.0;
+const FRAME_HEIGHT: f64 = 215.0;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -45,7 +45,7 @@ pub fn render(frames: &[Frame<'_>]) -> String {
         .map(|f| spaces(f).len().max(1))
         .sum::<usize>()
         .max(1);
-    let height = 60.0 + rows as f64 * FRAME_HEIGHT;
+    let height = 64.0 + rows as f64 * FRAME_HEIGHT;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -54,9 +54,11 @@ pub fn render(frames: &[Frame<'_>]) -> String {
     let _ = writeln!(
         out,
         r##"<rect width="100%" height="100%" fill="white"/>
-<text x="10" y="18" font-size="13">Guest physical map per commit. Bars: RAM (green), read-only (blue), dirty logging (orange edge), unmapped (grey). Calls: delete (red), create (green), move (purple), flags (orange); quiesced calls have a black edge.</text>"##
+<text x="10" y="16" font-size="12">Guest physical map before and after each commit (axis: every edge is a tick; widths grow with log2 of size).</text>
+<text x="10" y="30" font-size="12">Bars: RAM (green), read-only (blue), dirty logging (orange edge), unmapped (grey).</text>
+<text x="10" y="44" font-size="12">Calls below: delete (red), create (green), move (purple), flags (orange); quiesced calls have a black edge.</text>"##
     );
-    let mut y = 40.0;
+    let mut y = 64.0;
     for f in frames {
         for space in spaces(f) {
             draw_frame(&mut out, f, space, y);
@@ -116,7 +118,7 @@ fn draw_frame(out: &mut String, f: &Frame<'_>, space: u16, y: f64) {
         .map(|w| 1.0 + ((w[1] - w[0]) as f64).log2().max(12.0) - 12.0)
         .collect();
     let total: f64 = weights.iter().sum();
-    let span = WIDTH - LEFT - 20.0;
+    let span = WIDTH - LEFT - 70.0;
     let mut xs = vec![LEFT];
     for w in &weights {
         let last = *xs.last().expect("xs starts non-empty");
