@@ -345,8 +345,12 @@ fn plan_space(slots: &[Slot], regions: &[Region], policy: &CutPolicy, max_bytes:
         }
     }
     // 3. A dead slot whose host memory appears whole in an uncovered piece moves there.
-    let mut by_host: BTreeMap<(u64, u64), Region> =
-        pieces.iter().map(|p| ((p.host, p.gpa), *p)).collect();
+    // (Only needed when some slot is dead; a boot or a pure grow skips building it.)
+    let mut by_host: BTreeMap<(u64, u64), Region> = if dead.is_empty() {
+        BTreeMap::new()
+    } else {
+        pieces.drain(..).map(|p| ((p.host, p.gpa), p)).collect()
+    };
     let mut moves: Vec<Moved> = Vec::new();
     let mut deletes: Vec<Slot> = Vec::new();
     for s in dead {
@@ -393,7 +397,8 @@ fn plan_space(slots: &[Slot], regions: &[Region], policy: &CutPolicy, max_bytes:
     deletes.sort_by_key(|s| s.gpa);
     sp.deletes = deletes;
     // 5. Cut what is left into new slots.
-    let mut rest: Vec<Region> = by_host.into_values().collect();
+    let mut rest: Vec<Region> = pieces;
+    rest.extend(by_host.into_values());
     rest.sort_by_key(|r| r.gpa);
     let mut cuts = Vec::new();
     for r in rest {
