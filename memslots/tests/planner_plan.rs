@@ -376,3 +376,28 @@ fn merge_costs_nothing_and_unplug_is_hole_free() {
     assert_eq!(changes(&plan), vec![Change::Delete]);
     assert_eq!(plan.quiesced_ioctls(), 0);
 }
+
+#[test]
+fn address_spaces_are_planned_separately_with_their_own_ids() {
+    let smram = Region {
+        address_space: 1,
+        ..ram(0xa_0000, 0x2_0000)
+    };
+    let mut layout = Layout::new(Limits::default());
+    let plan = step(
+        &mut layout,
+        &map(&[ram(0, 0x10_0000), smram]),
+        &CutPolicy::minimal(),
+    );
+    let ids: Vec<SlotId> = plan.calls.iter().map(|c| c.call.id()).collect();
+    assert_eq!(ids, vec![SlotId::new(0), SlotId::in_space(1, 0)]);
+    // SMRAM goes away in address space 1 only; address space 0 is untouched.
+    let plan = step(
+        &mut layout,
+        &map(&[ram(0, 0x10_0000)]),
+        &CutPolicy::minimal(),
+    );
+    assert_eq!(changes(&plan), vec![Change::Delete]);
+    assert_eq!(plan.calls[0].call.id(), SlotId::in_space(1, 0));
+    assert_eq!(plan.quiesced_ioctls(), 0);
+}

@@ -27,6 +27,7 @@ struct Vm {
     high_ram: SlotFlags,
     dimms: [Option<SlotFlags>; 3],
     bar: Option<u8>,
+    smram: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -55,6 +56,9 @@ enum Op {
     HighRamDirty {
         on: bool,
     },
+    Smram {
+        on: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -70,6 +74,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..CELLS, 1..32usize, any::<bool>()).prop_map(|(cell, len, on)| Op::DirtyFlip { cell, len, on }),
         1 => (0..CELLS, 1..8usize).prop_map(|(cell, len)| Op::ReadonlyFlip { cell, len }),
         1 => any::<bool>().prop_map(|on| Op::HighRamDirty { on }),
+        1 => any::<bool>().prop_map(|on| Op::Smram { on }),
     ]
 }
 
@@ -80,6 +85,7 @@ impl Vm {
             high_ram: SlotFlags::NONE,
             dimms: [None; 3],
             bar: None,
+            smram: false,
         }
     }
 
@@ -111,6 +117,7 @@ impl Vm {
             Op::HighRamDirty { on } => {
                 self.high_ram = self.high_ram.with(SlotFlags::LOG_DIRTY_PAGES, on)
             }
+            Op::Smram { on } => self.smram = on,
         }
     }
 
@@ -161,6 +168,13 @@ impl Vm {
                 SlotFlags::READONLY,
             ));
         }
+        if self.smram {
+            // SMM's address space: RAM behind the VGA window.
+            out.push(Region {
+                address_space: 1,
+                ..region(0xa_0000, 0x2_0000, RAM_HOST + 0xa_0000, SlotFlags::NONE)
+            });
+        }
         MemoryMap::new(out).expect("the generator makes valid maps")
     }
 }
@@ -201,12 +215,19 @@ fn check_sequence(ops: &[Op], policy: &CutPolicy) -> Result<(), TestCaseError> {
         }
         let mut sorted = created.clone();
         sorted.sort();
-        let lowest: Vec<SlotId> = (0..u16::MAX)
-            .map(SlotId::new)
-            .filter(|id| !before.contains(id))
-            .take(created.len())
-            .collect();
-        prop_assert_eq!(sorted, lowest, "step {}: ids not lowest-first", step);
+        for space in [0u16, 1] {
+            let mine: Vec<SlotId> = sorted
+                .iter()
+                .copied()
+                .filter(|id| id.address_space == space)
+                .collect();
+            let lowest: Vec<SlotId> = (0..u16::MAX)
+                .map(|id| SlotId::in_space(space, id))
+                .filter(|id| !before.contains(id))
+                .take(mine.len())
+                .collect();
+            prop_assert_eq!(mine, lowest, "step {}: ids not lowest-first", step);
+        }
         // The model accepts the plan, the quiesced calls are exactly its hole window, and the
         // result maps exactly like the target.
         let holes = layout
