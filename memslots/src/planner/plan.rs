@@ -200,8 +200,15 @@ pub fn plan_with(
         let mut next = 0u16;
         let mut new_slots = Vec::with_capacity(sp.creates.len());
         for r in &sp.creates {
-            while used.next_if(|&u| u <= next).is_some_and(|u| u == next) {
-                next += 1;
+            // Skip ids in use (`used` is sorted; `needed <= limit` keeps `next` below it).
+            while let Some(&u) = used.peek() {
+                if u > next {
+                    break;
+                }
+                used.next();
+                if u == next {
+                    next += 1;
+                }
             }
             new_slots.push(Slot {
                 id: SlotId::in_space(space, next),
