@@ -407,8 +407,16 @@ fn plan_space(slots: &[Slot], regions: &[Region], policy: &CutPolicy, max_bytes:
     let mut rest: Vec<Region> = pieces;
     rest.extend(by_host.into_values());
     rest.sort_by_key(|r| r.gpa);
-    let mut cuts = Vec::new();
+    // Rejoin pieces a move carved and a broken cycle gave back.
+    let mut joined: Vec<Region> = Vec::with_capacity(rest.len());
     for r in rest {
+        match joined.last_mut() {
+            Some(last) if last.continued_by(&r) => last.size += r.size,
+            _ => joined.push(r),
+        }
+    }
+    let mut cuts = Vec::new();
+    for r in joined {
         cuts.clear();
         policy.cuts(r.gpa, r.end(), &mut cuts);
         let mut at = r.gpa;
