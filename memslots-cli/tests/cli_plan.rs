@@ -16,10 +16,25 @@ fn last_json(out: &Output) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
-fn temp(name: &str, text: &str) -> PathBuf {
+/// A temporary file, removed when dropped.
+struct Temp(PathBuf);
+
+impl Temp {
+    fn to_str(&self) -> Option<&str> {
+        self.0.to_str()
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp(name: &str, text: &str) -> Temp {
     let path = std::env::temp_dir().join(format!("memslots-plan-{}-{name}", std::process::id()));
     std::fs::write(&path, text).expect("write temp file");
-    path
+    Temp(path)
 }
 
 fn trace(name: &str) -> String {
@@ -84,9 +99,8 @@ fn trace_json_has_exactly_the_issue_fields() {
     assert_eq!(json["qemu_ioctls"], 35);
     // The trace's own host addresses are kept.
     assert!(ops.iter().any(|o| o["ua"] == 0x7fc2_7fe0_0000u64));
-    let drawing = std::fs::read_to_string(&svg).unwrap();
+    let drawing = std::fs::read_to_string(&svg.0).unwrap();
     assert!(drawing.starts_with("<svg") && drawing.contains("commit 7"));
-    let _ = std::fs::remove_file(svg);
 }
 
 const A: &str = r#"{"backings": {"ram": {"host": "0x7f0000000000", "size": "0x40000000"}},
