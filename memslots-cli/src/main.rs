@@ -10,6 +10,7 @@ mod bench;
 mod conformance;
 mod output;
 mod plan;
+mod stress;
 
 /// Change a running VM's KVM memory slots atomically, and measure it.
 #[derive(Parser, Debug)]
@@ -25,6 +26,8 @@ enum Command {
     Conformance(conformance::Args),
     /// Plan a QEMU trace's commits (or one change between two JSON maps) and compare with QEMU.
     Plan(plan::Args),
+    /// Run a workload of layout changes on a real guest and count what it sees.
+    Stress(stress::Args),
     /// Measure slot-change costs, each beside a baseline run in turns with it.
     Bench(bench::Args),
 }
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Command::Conformance(args) => conformance::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Stress(args) => stress::run_cli(args),
     };
     match result {
         Ok(code) => code,

@@ -12,5 +12,6 @@ pub mod conformance;
 pub mod kvm;
 pub mod model;
 pub mod planner;
+pub mod stress;
 pub mod trace;
 pub mod workload;

@@ -13,6 +13,7 @@ use crate::model::{Batch, Layout, Primitive, PrimitiveError, Slot, SlotFlags, Sl
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
+const PAGE: u64 = crate::model::PAGE_SIZE;
 
 /// The workloads of `memslots stress --workload`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -127,9 +128,9 @@ pub struct Update {
 #[derive(Clone, Debug)]
 enum Part {
     Resize { arena: Arena },
-    Pam { arena: Arena, split: bool },
-    Bar { arena: Arena, at_b: bool },
-    Dirty { arena: Arena, split: bool },
+    Pam { arena: Arena },
+    Bar { arena: Arena },
+    Dirty { arena: Arena },
 }
 
 /// A workload: its initial slots and an endless sequence of updates.
@@ -163,18 +164,9 @@ impl Workload {
             let a = arena.part(offset, k.arena_size(), i);
             match k {
                 WorkloadKind::Resize => Part::Resize { arena: a },
-                WorkloadKind::Pam => Part::Pam {
-                    arena: a,
-                    split: false,
-                },
-                WorkloadKind::Bar => Part::Bar {
-                    arena: a,
-                    at_b: false,
-                },
-                WorkloadKind::Dirty => Part::Dirty {
-                    arena: a,
-                    split: false,
-                },
+                WorkloadKind::Pam => Part::Pam { arena: a },
+                WorkloadKind::Bar => Part::Bar { arena: a },
+                WorkloadKind::Dirty => Part::Dirty { arena: a },
                 WorkloadKind::Mixed => unreachable!("mixed is made of the others"),
             }
         };
@@ -242,12 +234,46 @@ impl Workload {
             .collect()
     }
 
+    /// Every guest page the workload ever maps, with the host page behind it (the same whenever
+    /// it is mapped), for the guest to probe.
+    pub fn probe_pages(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for part in &self.parts {
+            match part {
+                Part::Bar { arena, .. } => {
+                    for base in [arena.gpa, arena.gpa + arena.size / 2] {
+                        for off in (0..BAR_SIZE).step_by(PAGE as usize) {
+                            out.push((base + off, arena.host + off));
+                        }
+                    }
+                }
+                Part::Resize { arena } | Part::Pam { arena, .. } | Part::Dirty { arena, .. } => {
+                    for off in (0..arena.size).step_by(PAGE as usize) {
+                        out.push((arena.gpa + off, arena.host + off));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Host ranges whose slots may log dirty pages.
+    pub fn dirty_host_ranges(&self) -> Vec<(u64, u64)> {
+        self.parts
+            .iter()
+            .filter_map(|part| match part {
+                Part::Dirty { arena, .. } => Some((arena.host, arena.host + arena.size)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The next update, lowered against `layout` (which is left unchanged).
     pub fn next(&mut self, layout: &mut Layout) -> Result<Update, PrimitiveError> {
         let i = self.turn % self.parts.len();
         self.turn += 1;
         let coin = self.rng.next_u64();
-        let (name, primitives) = plan_part(&mut self.parts[i], layout, coin);
+        let (name, primitives) = plan_part(&self.parts[i], layout, coin);
         lower_all(layout, name, &primitives)
     }
 }
@@ -293,8 +319,9 @@ fn lower_all(
     })
 }
 
-/// Chooses one part's next change from its state (and flips the state).
-fn plan_part(part: &mut Part, layout: &Layout, coin: u64) -> (&'static str, Vec<Primitive>) {
+/// Chooses one part's next change from the layout alone (no state of its own, so an update that
+/// was rolled back leaves nothing to undo here).
+fn plan_part(part: &Part, layout: &Layout, coin: u64) -> (&'static str, Vec<Primitive>) {
     match part {
         Part::Resize { arena } => {
             let id = arena.id(0);
@@ -315,13 +342,12 @@ fn plan_part(part: &mut Part, layout: &Layout, coin: u64) -> (&'static str, Vec<
                 ("shrink", vec![Primitive::Shrink { id, size }])
             }
         }
-        Part::Pam { arena, split } => {
+        Part::Pam { arena } => {
             let ram = arena.id(0);
             let piece = |k: u16| arena.id(1 + k);
             let hi = arena.id(1 + PAM_PIECES);
             let piece_gpa = |k: u16| arena.gpa + PAM_OVERLAY + u64::from(k) * PAM_PIECE;
-            if !*split {
-                *split = true;
+            if layout.slot(hi).is_none() {
                 // Cut the overlay out of RAM: [ram][piece 0][piece 1][hi].
                 let mut out: Vec<Primitive> = (0..PAM_PIECES)
                     .map(|k| Primitive::Split {
@@ -344,7 +370,6 @@ fn plan_part(part: &mut Part, layout: &Layout, coin: u64) -> (&'static str, Vec<
             }
             if coin % 4 == 0 {
                 // Back to plain RAM: every piece writable, then merged.
-                *split = false;
                 let mut out: Vec<Primitive> = (0..PAM_PIECES)
                     .map(|k| Primitive::SetReadonly {
                         id: piece(k),
@@ -372,9 +397,9 @@ fn plan_part(part: &mut Part, layout: &Layout, coin: u64) -> (&'static str, Vec<
                 .collect();
             ("pam-flip", out)
         }
-        Part::Bar { arena, at_b } => {
-            *at_b = !*at_b;
-            let gpa = if *at_b {
+        Part::Bar { arena } => {
+            let at_a = layout.slot(arena.id(0)).is_some_and(|s| s.gpa == arena.gpa);
+            let gpa = if at_a {
                 arena.gpa + arena.size / 2
             } else {
                 arena.gpa
@@ -387,7 +412,8 @@ fn plan_part(part: &mut Part, layout: &Layout, coin: u64) -> (&'static str, Vec<
                 }],
             )
         }
-        Part::Dirty { arena, split } => {
+        Part::Dirty { arena } => {
+            let split = layout.slot(arena.id(1)).is_some();
             let id = arena.id(0);
             let upper = arena.id(1);
             let Some(slot) = layout.slot(id).copied() else {
@@ -401,19 +427,15 @@ fn plan_part(part: &mut Part, layout: &Layout, coin: u64) -> (&'static str, Vec<
                         on: !slot.flags.log_dirty(),
                     }],
                 ),
-                1 if !*split => {
-                    *split = true;
-                    (
-                        "dirty-split",
-                        vec![Primitive::Split {
-                            id,
-                            at: slot.gpa + slot.size / 2,
-                            new_id: upper,
-                        }],
-                    )
-                }
+                1 if !split => (
+                    "dirty-split",
+                    vec![Primitive::Split {
+                        id,
+                        at: slot.gpa + slot.size / 2,
+                        new_id: upper,
+                    }],
+                ),
                 1 => {
-                    *split = false;
                     // Flags must match to merge: bring the upper half to the lower half's.
                     let mut out = Vec::new();
                     if let Some(u) = layout.slot(upper) {
@@ -430,14 +452,14 @@ fn plan_part(part: &mut Part, layout: &Layout, coin: u64) -> (&'static str, Vec<
                     });
                     ("dirty-merge", out)
                 }
-                2 if *split => (
+                2 if split => (
                     "dirty-toggle-upper",
                     vec![Primitive::SetDirtyLogging {
                         id: upper,
                         on: !layout.slot(upper).is_some_and(|u| u.flags.log_dirty()),
                     }],
                 ),
-                _ if *split => (
+                _ if split => (
                     "dirty-toggle",
                     vec![Primitive::SetDirtyLogging {
                         id,

@@ -1,7 +1,26 @@
 //! The real `/dev/kvm` backend.
 //!
-//! [`Vm`] owns the VM file descriptor and reads the kernel's [`Limits`](crate::model::Limits).
+//! - [`Vm`]: the VM file descriptor and the kernel's [`Limits`](crate::model::Limits).
+//! - [`SlotTable`]: the one place slot calls are made, keeping the model's layout equal to the
+//!   kernel's; fault injection.
+//! - [`VcpuGate`]: parks and resumes vCPUs (real-time signal + `immediate_exit`).
+//! - [`TestVm`]: a VM running the embedded test guest on vCPU threads, and [`TestVm::apply`], the
+//!   atomic apply of a batch with the `atomic`, `qemu` and `naive` strategies.
 
+mod dirty;
+mod gate;
+pub mod guest;
+mod history;
+mod memory;
+mod slots;
+mod testvm;
+mod vcpu;
 mod vm;
 
+pub use dirty::DirtyLog;
+pub use gate::{QuiesceTimes, Quiesced, VcpuGate};
+pub use memory::{Backing, HostMemory};
+pub use slots::{FaultInjector, SlotCallError, SlotTable};
+pub use testvm::{qemu_batch, ApplyError, ApplyStats, Strategy, TestVm, TestVmConfig, TestVmError};
+pub use vcpu::{GuestCounters, GuestStats};
 pub use vm::{KvmError, Vm};

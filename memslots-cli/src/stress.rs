@@ -1,0 +1,221 @@
+//! `memslots stress`: the main job. A workload's layout changes applied to a running test guest,
+//! every detector counting.
+
+use std::error::Error;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use memslots::kvm::Strategy;
+use memslots::stress::{run, StressConfig, StressReport};
+use memslots::workload::WorkloadKind;
+
+use crate::output::json_line;
+
+/// `--strategy`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StrategyArg {
+    /// Hold vCPUs out only for the calls that open a hole; carry dirty bits exactly.
+    Atomic,
+    /// QEMU 8.0's rule.
+    Qemu,
+    /// Calls in order, nobody held out: shows the bug.
+    Naive,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(s: StrategyArg) -> Self {
+        match s {
+            StrategyArg::Atomic => Strategy::Atomic,
+            StrategyArg::Qemu => Strategy::Qemu,
+            StrategyArg::Naive => Strategy::Naive,
+        }
+    }
+}
+
+/// `--workload`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum WorkloadArg {
+    /// A RAM region grows and shrinks.
+    Resize,
+    /// Firmware shadowing: ROM overlay split, flipped and merged; code runs from it.
+    Pam,
+    /// A BAR moving between two GPAs.
+    Bar,
+    /// Dirty logging toggled while regions are resized and split.
+    Dirty,
+    /// All of the above interleaved.
+    Mixed,
+}
+
+impl From<WorkloadArg> for WorkloadKind {
+    fn from(w: WorkloadArg) -> Self {
+        match w {
+            WorkloadArg::Resize => WorkloadKind::Resize,
+            WorkloadArg::Pam => WorkloadKind::Pam,
+            WorkloadArg::Bar => WorkloadKind::Bar,
+            WorkloadArg::Dirty => WorkloadKind::Dirty,
+            WorkloadArg::Mixed => WorkloadKind::Mixed,
+        }
+    }
+}
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum BackendArg {
+    /// Real `/dev/kvm`.
+    Kvm,
+    /// The software implementation of the proposed kernel algorithm.
+    Soft,
+}
+
+/// Arguments of `memslots stress`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Where the slots live.
+    #[arg(long, value_enum, default_value_t = BackendArg::Kvm)]
+    backend: BackendArg,
+    /// How each batch is applied.
+    #[arg(long, value_enum, default_value_t = StrategyArg::Atomic)]
+    strategy: StrategyArg,
+    /// Which layout changes to cycle through.
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Mixed)]
+    workload: WorkloadArg,
+    /// vCPUs running the test guest.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=7))]
+    vcpus: u16,
+    /// Stop after this many batches.
+    #[arg(long, conflicts_with = "duration")]
+    updates: Option<u64>,
+    /// Stop after this many seconds (default 10 when --updates is not given).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seed of the workload's choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Make each slot ioctl fail with this probability (ENOMEM, EFAULT or EEXIST); every failure
+    /// must roll back cleanly.
+    #[arg(long, value_name = "P")]
+    inject_faults: Option<f64>,
+    /// Print the summary as JSON on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the subcommand.
+pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
+    if args.backend == BackendArg::Soft {
+        return Err("--backend soft is not wired to stress yet; use --backend kvm".into());
+    }
+    if let Some(p) = args.inject_faults {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(format!("--inject-faults takes a probability from 0 to 1, not {p}").into());
+        }
+    }
+    if let Some(d) = args.duration {
+        if !(d > 0.0 && d.is_finite()) {
+            return Err(format!("--duration takes a positive number of seconds, not {d}").into());
+        }
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Err(format!(
+            "cannot open /dev/kvm ({e}): --backend kvm needs the kvm module and read/write access \
+             to /dev/kvm; try --backend soft"
+        )
+        .into());
+    }
+    let duration = match (args.updates, args.duration) {
+        (None, None) => Some(Duration::from_secs(10)),
+        (_, d) => d.map(Duration::from_secs_f64),
+    };
+    let config = StressConfig {
+        strategy: args.strategy.into(),
+        workload: args.workload.into(),
+        vcpus: usize::from(args.vcpus),
+        updates: args.updates,
+        duration,
+        seed: args.seed,
+        inject_faults: args.inject_faults,
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = match config.updates {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.set_message(format!("{} / {}", config.workload, config.strategy.name()));
+        bar
+    });
+    let report = run(&config, |done, _| {
+        if let Some(bar) = &bar {
+            bar.set_position(done);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    print_summary(&report);
+    if args.json {
+        json_line(&report)?;
+    }
+    let must_be_clean = config.strategy == Strategy::Atomic;
+    Ok(if must_be_clean && !report.clean() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The human summary table.
+pub fn print_summary(r: &StressReport) {
+    println!(
+        "{} backend, {} strategy, workload {}, {} vCPUs",
+        r.backend, r.strategy, r.workload, r.vcpus
+    );
+    let rows: [(&str, String); 12] = [
+        ("updates (batches applied)", r.updates.to_string()),
+        ("slot ioctls", r.ioctls.to_string()),
+        ("guest accesses", r.guest_accesses.to_string()),
+        ("spurious exits", r.spurious_exits.to_string()),
+        ("internal errors", r.internal_errors.to_string()),
+        ("data errors", r.data_errors.to_string()),
+        ("lost dirty pages", r.lost_dirty_pages.to_string()),
+        ("rollbacks", r.rollbacks.to_string()),
+        (
+            "blackout per batch (us)",
+            format!(
+                "p50 {:.1}  p99 {:.1}  max {:.1}",
+                r.blackout_us.p50, r.blackout_us.p99, r.blackout_us.max
+            ),
+        ),
+        (
+            "blackout total (us)",
+            format!("{:.0}", r.blackout_us.total.unwrap_or(0.0)),
+        ),
+        (
+            "update time (us)",
+            format!(
+                "p50 {:.1}  p99 {:.1}  max {:.1}",
+                r.update_us.p50, r.update_us.p99, r.update_us.max
+            ),
+        ),
+        (
+            "verdict",
+            if r.clean() {
+                "clean".to_owned()
+            } else {
+                "PROBLEMS SEEN".to_owned()
+            },
+        ),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<28} {v}");
+    }
+    if let Some(p) = &r.first_problem {
+        println!("  first problem: {p}");
+    }
+}

@@ -1,0 +1,173 @@
+//! The one place every slot call goes through: the model first, then the kernel, then the model's
+//! layout, so the library's [`Layout`] equals the kernel's at all times. Fault injection lives here.
+
+use std::sync::Arc;
+
+use crate::conformance::SplitMix64;
+use crate::model::{Applied, Layout, Rule, SlotCall};
+
+use super::memory::HostMemory;
+use super::vm::Vm;
+
+/// Why a slot call did not happen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SlotCallError {
+    /// The model refuses the call; the kernel was not asked.
+    #[error("{call} is refused by KVM's rules")]
+    Refused {
+        /// The call.
+        call: SlotCall,
+        /// The rule it breaks.
+        #[source]
+        rule: Rule,
+    },
+    /// The call would create or move a slot over host memory the library does not own.
+    #[error("{call} maps host memory this VM does not own")]
+    NotOwned {
+        /// The call.
+        call: SlotCall,
+    },
+    /// The kernel refused a call the model accepts (or an injected fault said it did).
+    #[error("{call} failed in the kernel with errno {errno}{}", if *.injected { " (injected)" } else { "" })]
+    Kernel {
+        /// The call.
+        call: SlotCall,
+        /// The errno.
+        errno: i32,
+        /// Whether the failure was injected.
+        injected: bool,
+    },
+}
+
+/// Makes slot calls fail on purpose, with errnos KVM really returns.
+#[derive(Clone, Debug)]
+pub enum FaultInjector {
+    /// Fail the `n`-th call from now (0-based), once.
+    Nth {
+        /// Calls still to let through.
+        n: u64,
+        /// The errno to fail with.
+        errno: i32,
+    },
+    /// Fail each call with probability `p`, from a seeded generator.
+    Random {
+        /// Probability of failure per call.
+        p: f64,
+        /// Generator.
+        rng: SplitMix64,
+    },
+}
+
+impl FaultInjector {
+    const ERRNOS: [i32; 3] = [libc::ENOMEM, libc::EFAULT, libc::EEXIST];
+
+    fn fire(&mut self) -> Option<i32> {
+        match self {
+            FaultInjector::Nth { n, errno } => {
+                if *n == 0 {
+                    *n = u64::MAX;
+                    Some(*errno)
+                } else {
+                    *n = n.saturating_sub(1);
+                    None
+                }
+            }
+            FaultInjector::Random { p, rng } => {
+                let x = rng.next_u64();
+                let hit = (x >> 11) as f64 / (1u64 << 53) as f64 <= *p;
+                hit.then(|| Self::ERRNOS[(x % 3) as usize])
+            }
+        }
+    }
+}
+
+/// The VM's slots: the kernel's and the model's, kept equal.
+#[derive(Debug)]
+pub struct SlotTable {
+    vm: Arc<Vm>,
+    layout: Layout,
+    injector: Option<FaultInjector>,
+    ioctls: u64,
+}
+
+impl SlotTable {
+    /// An empty table for `vm`.
+    pub fn new(vm: Arc<Vm>) -> Self {
+        let layout = Layout::new(*vm.limits());
+        SlotTable {
+            vm,
+            layout,
+            injector: None,
+            ioctls: 0,
+        }
+    }
+
+    /// The layout (equal to the kernel's).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Mutable access to the layout for analysis that leaves it as it was (`holes`, `lower`).
+    pub(crate) fn layout_mut(&mut self) -> &mut Layout {
+        &mut self.layout
+    }
+
+    /// Slot ioctls made so far.
+    pub fn ioctls(&self) -> u64 {
+        self.ioctls
+    }
+
+    /// Sets (or clears) the fault injector.
+    pub fn inject(&mut self, injector: Option<FaultInjector>) {
+        self.injector = injector;
+    }
+
+    /// Makes one call: checked by the model, owned memory only, then the kernel.
+    pub fn call(&mut self, memory: &HostMemory, call: &SlotCall) -> Result<Applied, SlotCallError> {
+        self.call_inner(memory, call, true)
+    }
+
+    /// Like [`SlotTable::call`] but never injected (for rollback).
+    pub fn call_uninjected(
+        &mut self,
+        memory: &HostMemory,
+        call: &SlotCall,
+    ) -> Result<Applied, SlotCallError> {
+        self.call_inner(memory, call, false)
+    }
+
+    fn call_inner(
+        &mut self,
+        memory: &HostMemory,
+        call: &SlotCall,
+        injectable: bool,
+    ) -> Result<Applied, SlotCallError> {
+        self.layout
+            .check(call)
+            .map_err(|rule| SlotCallError::Refused { call: *call, rule })?;
+        if !call.is_delete() && memory.owner(call.host, call.size).is_none() {
+            return Err(SlotCallError::NotOwned { call: *call });
+        }
+        if injectable {
+            if let Some(errno) = self.injector.as_mut().and_then(FaultInjector::fire) {
+                return Err(SlotCallError::Kernel {
+                    call: *call,
+                    errno,
+                    injected: true,
+                });
+            }
+        }
+        self.ioctls += 1;
+        // SAFETY: a non-delete call maps memory inside a backing of `memory` (checked above), and
+        // backings live as long as the VM (see `HostMemory`).
+        unsafe { self.vm.set_region(call) }.map_err(|errno| SlotCallError::Kernel {
+            call: *call,
+            errno,
+            injected: false,
+        })?;
+        Ok(self
+            .layout
+            .apply(call)
+            .expect("the model accepted this call a moment ago"))
+    }
+}

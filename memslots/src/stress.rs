@@ -1,0 +1,331 @@
+//! The stress run behind `memslots stress`: a workload's updates applied to a running test guest
+//! with one strategy, every detector counting.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::conformance::SplitMix64;
+use crate::kvm::{ApplyError, FaultInjector, Strategy, TestVm, TestVmConfig};
+use crate::model::{Layout, SlotCall, PAGE_SIZE};
+use crate::workload::{Arena, Workload, WorkloadKind};
+
+/// Where workloads live in guest-physical space (above the test guest's private slot).
+pub const ARENA_GPA: u64 = 0x1000_0000;
+
+/// What to run.
+#[derive(Clone, Copy, Debug)]
+pub struct StressConfig {
+    /// How updates are applied.
+    pub strategy: Strategy,
+    /// Which layout changes.
+    pub workload: WorkloadKind,
+    /// vCPUs running the guest.
+    pub vcpus: usize,
+    /// Stop after this many applied updates...
+    pub updates: Option<u64>,
+    /// ...or after this long (whichever comes first; at least one must be set).
+    pub duration: Option<Duration>,
+    /// Seed of the workload's choices (and of injected faults).
+    pub seed: u64,
+    /// Probability that a slot ioctl fails on purpose.
+    pub inject_faults: Option<f64>,
+}
+
+/// Percentiles of a time series, in microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Micros {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+    /// Sum (only for the blackout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<f64>,
+}
+
+impl Micros {
+    fn of(mut xs: Vec<f64>, with_total: bool) -> Self {
+        xs.sort_by(f64::total_cmp);
+        let q = |q: f64| {
+            if xs.is_empty() {
+                0.0
+            } else {
+                xs[((xs.len() - 1) as f64 * q).round() as usize]
+            }
+        };
+        Micros {
+            p50: q(0.5),
+            p99: q(0.99),
+            max: xs.last().copied().unwrap_or(0.0),
+            total: with_total.then(|| xs.iter().sum()),
+        }
+    }
+}
+
+/// The summary `memslots stress` and `memslots replay` print as JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct StressReport {
+    /// `kvm` or `soft`.
+    pub backend: &'static str,
+    /// `atomic`, `qemu` or `naive`.
+    pub strategy: &'static str,
+    /// The workload (or the trace's file name, for replay).
+    pub workload: String,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Batches applied (rolled-back ones not counted).
+    pub updates: u64,
+    /// Slot ioctls made.
+    pub ioctls: u64,
+    /// Guest probe reads, writes and calls.
+    pub guest_accesses: u64,
+    /// MMIO exits or failed fetches on GPAs that were RAM before and after.
+    pub spurious_exits: u64,
+    /// `KVM_EXIT_INTERNAL_ERROR` and other exits the guest never causes on purpose.
+    pub internal_errors: u64,
+    /// Values the guest read other than the last it wrote.
+    pub data_errors: u64,
+    /// Pages written while dirty logging was on that no harvest reported.
+    pub lost_dirty_pages: u64,
+    /// Batches that failed (injected faults) and were rolled back.
+    pub rollbacks: u64,
+    /// Time vCPUs were held out per batch.
+    pub blackout_us: Micros,
+    /// Wall time per batch.
+    pub update_us: Micros,
+    /// Replay only: whether every commit ended in the trace's mapping.
+    pub layout_matches: Option<bool>,
+    /// Kick-to-all-parked per quiesced batch (not in the JSON contract; for bench).
+    #[serde(skip)]
+    pub kick_to_parked_us: Vec<f64>,
+    /// The first problem seen, described (not in the JSON contract).
+    #[serde(skip)]
+    pub first_problem: Option<String>,
+}
+
+impl StressReport {
+    /// Whether no detector fired.
+    pub fn clean(&self) -> bool {
+        self.spurious_exits == 0
+            && self.internal_errors == 0
+            && self.data_errors == 0
+            && self.lost_dirty_pages == 0
+    }
+}
+
+/// Why a stress run could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StressError {
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] crate::kvm::TestVmError),
+    /// A workload update the model refuses: a bug in the workload.
+    #[error("workload update refused")]
+    Workload(#[source] crate::model::PrimitiveError),
+    /// A batch failed in a way that could not be undone.
+    #[error("applying a batch")]
+    Apply(#[source] ApplyError),
+    /// Neither a count nor a duration.
+    #[error("a stress run needs --updates or --duration")]
+    Unbounded,
+}
+
+/// Checks that every page written while logging was on is reported by some harvest.
+///
+/// A page counts as lost when its content changed since the last harvest, logging covered it at
+/// that harvest and at every update since, and this harvest does not report it. The harvest reads
+/// the bitmaps before the contents, so a write between the two shows up in the next harvest's
+/// bitmap and never as lost.
+#[derive(Debug, Default)]
+pub struct DirtyCheck {
+    ranges: Vec<(u64, u64)>,
+    snapshot: BTreeMap<u64, [u32; 4]>,
+    eligible: BTreeSet<u64>,
+    /// Pages lost so far.
+    pub lost: u64,
+    /// Pages reported so far.
+    pub reported: u64,
+}
+
+impl DirtyCheck {
+    /// A check over host `ranges`.
+    pub fn new(ranges: Vec<(u64, u64)>) -> Self {
+        DirtyCheck {
+            ranges,
+            ..Default::default()
+        }
+    }
+
+    fn logging(&self, layout: &Layout) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        for s in layout.slots().filter(|s| s.flags.log_dirty()) {
+            for page in (s.host..s.host + s.size).step_by(PAGE_SIZE as usize) {
+                if self.ranges.iter().any(|r| (r.0..r.1).contains(&page)) {
+                    out.insert(page);
+                }
+            }
+        }
+        out
+    }
+
+    /// After an update: only pages logging still covers stay eligible.
+    pub fn after_update(&mut self, layout: &Layout) {
+        let now = self.logging(layout);
+        self.eligible.retain(|p| now.contains(p));
+    }
+
+    /// Harvests dirty pages from `vm` and checks them.
+    pub fn harvest(&mut self, vm: &mut TestVm) {
+        if self.ranges.is_empty() {
+            return;
+        }
+        let reported = vm.dirty_pages();
+        self.reported += reported.len() as u64;
+        let arena = vm.arena();
+        for &(start, end) in &self.ranges {
+            for page in (start..end).step_by(PAGE_SIZE as usize) {
+                let now = [0, 4, 8, 12].map(|o| arena.read_u32(page + o));
+                let changed = self.snapshot.get(&page).is_some_and(|old| *old != now);
+                if changed && self.eligible.contains(&page) && !reported.contains(&page) {
+                    self.lost += 1;
+                }
+                self.snapshot.insert(page, now);
+            }
+        }
+        self.eligible = self.logging(vm.layout());
+    }
+}
+
+/// Probes for the guest: at most `limit`, spread over `pages`, keeping every `must` page.
+fn pick_probes(pages: &[(u64, u64)], limit: usize, must: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let stride = pages
+        .len()
+        .div_ceil(limit.saturating_sub(must.len()).max(1))
+        .max(1);
+    let mut out: Vec<(u64, u64)> = pages.iter().step_by(stride).copied().collect();
+    for &(s, e) in must {
+        for p in pages.iter().filter(|p| p.0 >= s && p.0 < e) {
+            if !out.contains(p) {
+                out.push(*p);
+            }
+        }
+    }
+    out.truncate(limit);
+    out
+}
+
+/// Runs a stress test; `progress(done, total)` is called after every update.
+pub fn run(
+    config: &StressConfig,
+    mut progress: impl FnMut(u64, Option<u64>),
+) -> Result<StressReport, StressError> {
+    if config.updates.is_none() && config.duration.is_none() {
+        return Err(StressError::Unbounded);
+    }
+    let kind = config.workload;
+    let mut vm = TestVm::new(TestVmConfig {
+        vcpus: config.vcpus,
+        arena_size: kind.arena_size(),
+    })?;
+    let arena = Arena {
+        gpa: ARENA_GPA,
+        host: vm.arena_host(),
+        size: kind.arena_size(),
+        address_space: 0,
+        first_id: 1,
+    };
+    let mut workload = Workload::new(kind, arena, config.seed);
+    let initial: Vec<SlotCall> = workload
+        .initial_slots()
+        .iter()
+        .map(|s| s.set_call())
+        .collect();
+    vm.apply(&initial, Strategy::Atomic)
+        .map_err(StressError::Apply)?;
+    let exec_ranges = workload.exec_ranges();
+    let probes = pick_probes(
+        &workload.probe_pages(),
+        crate::kvm::guest::ctl::MAX_PROBES,
+        &exec_ranges,
+    );
+    // The function lives half-way into the first overlay page, clear of the probes' dwords.
+    let exec = exec_ranges
+        .first()
+        .map(|&(gpa, _)| (gpa + 0x800, arena.host + (gpa - arena.gpa) + 0x800));
+    vm.start(&probes, exec)?;
+    if let Some(p) = config.inject_faults {
+        vm.inject_faults(Some(FaultInjector::Random {
+            p,
+            rng: SplitMix64::new(config.seed ^ 0xfa17),
+        }));
+    }
+    let mut dirty = DirtyCheck::new(workload.dirty_host_ranges());
+    dirty.harvest(&mut vm);
+
+    let started = Instant::now();
+    let ioctls_start = vm.ioctls();
+    let (mut updates, mut rollbacks) = (0u64, 0u64);
+    let mut blackout = Vec::new();
+    let mut update_us = Vec::new();
+    let mut kick = Vec::new();
+    loop {
+        if config.updates.is_some_and(|n| updates >= n)
+            || config.duration.is_some_and(|d| started.elapsed() >= d)
+        {
+            break;
+        }
+        let mut scratch = vm.layout().clone();
+        let update = workload.next(&mut scratch).map_err(StressError::Workload)?;
+        let stats = match vm.apply(update.batch.calls(), config.strategy) {
+            Ok(stats) => {
+                updates += 1;
+                stats
+            }
+            Err(ApplyError::RolledBack { stats, .. }) => {
+                rollbacks += 1;
+                *stats
+            }
+            Err(e) => return Err(StressError::Apply(e)),
+        };
+        blackout.push(
+            stats
+                .quiesce
+                .map_or(0.0, |q| q.blackout.as_secs_f64() * 1e6),
+        );
+        if let Some(q) = stats.quiesce {
+            kick.push(q.kick_to_parked.as_secs_f64() * 1e6);
+        }
+        update_us.push(stats.update.as_secs_f64() * 1e6);
+        dirty.after_update(vm.layout());
+        dirty.harvest(&mut vm);
+        progress(updates, config.updates);
+        // Let the guest run over the new layout before the next change.
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let guest = vm.guest_stats();
+    let report = StressReport {
+        backend: "kvm",
+        strategy: config.strategy.name(),
+        workload: kind.name().to_owned(),
+        vcpus: config.vcpus,
+        updates,
+        ioctls: vm.ioctls() - ioctls_start,
+        guest_accesses: guest.accesses,
+        spurious_exits: guest.spurious_exits,
+        internal_errors: guest.internal_errors,
+        data_errors: guest.data_errors,
+        lost_dirty_pages: dirty.lost,
+        rollbacks,
+        blackout_us: Micros::of(blackout, true),
+        update_us: Micros::of(update_us, false),
+        layout_matches: None,
+        kick_to_parked_us: kick,
+        first_problem: vm.first_problem(),
+    };
+    drop(vm);
+    Ok(report)
+}
