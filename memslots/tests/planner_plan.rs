@@ -401,3 +401,45 @@ fn address_spaces_are_planned_separately_with_their_own_ids() {
     assert_eq!(plan.calls[0].call.id(), SlotId::in_space(1, 0));
     assert_eq!(plan.quiesced_ioctls(), 0);
 }
+
+#[test]
+fn calls_that_end_dirty_logging_come_last_before_the_window() {
+    let logged = |r: Region| Region {
+        flags: SlotFlags::LOG_DIRTY_PAGES,
+        ..r
+    };
+    // A: logged, goes away. B: logging turns on. C: logged, logging turns off. D: split.
+    let (a, b, c, d) = (
+        logged(ram(0x100_0000, 0x10_0000)),
+        ram(0x200_0000, 0x10_0000),
+        logged(ram(0x300_0000, 0x10_0000)),
+        ram(0x400_0000, 0x40_0000),
+    );
+    let mut layout = start(&[a, b, c, d]);
+    let plan = step(
+        &mut layout,
+        &map(&[
+            logged(b),
+            ram(0x300_0000, 0x10_0000),
+            ram(0x400_0000, 0x10_0000),
+            ram(0x420_0000, 0x20_0000),
+        ]),
+        &CutPolicy::minimal(),
+    );
+    let gpas: Vec<(Change, u64, bool)> = plan
+        .calls
+        .iter()
+        .map(|c| (c.change, c.call.gpa, c.quiesced))
+        .collect();
+    assert_eq!(
+        gpas,
+        vec![
+            (Change::FlagsOnly, 0x200_0000, false),
+            (Change::FlagsOnly, 0x300_0000, false),
+            (Change::Delete, 0x100_0000, false),
+            (Change::Delete, 0x400_0000, true),
+            (Change::Create, 0x400_0000, true),
+            (Change::Create, 0x420_0000, true),
+        ]
+    );
+}

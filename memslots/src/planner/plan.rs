@@ -133,8 +133,10 @@ struct SpacePlan {
 /// Slots whose whole range still maps identically are kept (a flags-only call if dirty logging
 /// changes); a slot whose host memory appears whole elsewhere moves; everything else not covered
 /// is created in slots cut by `policy`. Calls are ordered: flag changes and hole-free deletes and
-/// moves, then the calls inside the model's quiesce window (deletes and moves that open holes,
-/// then the creates that close them), then hole-free creates. New ids are the lowest free ones,
+/// moves (those that end dirty logging on a slot last, next to the window, so a backend that
+/// collects their final dirty bits with vCPUs held out can extend its quiesce by just them), then
+/// the calls inside the model's quiesce window (deletes and moves that open holes, then the
+/// creates that close them), then hole-free creates. New ids are the lowest free ones,
 /// never one this batch deletes. O(n log n) in slots and regions.
 pub fn plan_with(
     current: &Layout,
@@ -169,6 +171,9 @@ pub fn plan_with(
 
     let max_bytes = limits.max_pages * limits.page_size;
     let mut head: Vec<(SlotCall, u64)> = Vec::new(); // (call, zapped)
+                                                     // Hole-free calls that end dirty logging on a slot (delete, move, logging off): a backend
+                                                     // collects their last dirty bits with vCPUs held out, so they go last before the window.
+    let mut lossy: Vec<(SlotCall, u64)> = Vec::new();
     let mut open: Vec<(SlotCall, u64)> = Vec::new();
     let mut moves_open: Vec<(SlotCall, u64)> = Vec::new();
     let mut close: Vec<SlotCall> = Vec::new();
@@ -230,11 +235,22 @@ pub fn plan_with(
                 .take_while(|x| x.gpa < e)
                 .any(|x| Some(x.id) != except)
         };
-        head.extend(sp.flags.iter().map(|c| (*c, 0)));
+        for c in &sp.flags {
+            let was_logged = slots
+                .binary_search_by_key(&c.gpa, |s| s.gpa)
+                .is_ok_and(|i| slots[i].flags.log_dirty());
+            if was_logged && !c.slot_flags().log_dirty() {
+                lossy.push((*c, 0));
+            } else {
+                head.push((*c, 0));
+            }
+        }
         for d in &sp.deletes {
             let entry = (d.delete_call(), d.size);
             if mapped_after(d.gpa, d.end()) {
                 open.push(entry);
+            } else if d.flags.log_dirty() {
+                lossy.push(entry);
             } else {
                 head.push(entry);
             }
@@ -252,6 +268,8 @@ pub fn plan_with(
                 || (oe > ne.max(os) && mapped_after(ne.max(os), oe));
             if old_left || mapped_before(ns, ne, Some(m.slot.id)) {
                 moves_open.push((call, m.slot.size));
+            } else if m.slot.flags.log_dirty() {
+                lossy.push((call, m.slot.size));
             } else {
                 head.push((call, m.slot.size));
             }
@@ -268,8 +286,9 @@ pub fn plan_with(
     // The quiesce window runs from the first hole-opening call to the last hole-closing one:
     // exactly the `open`, `moves_open` and `close` groups, in that order. The tests hold this
     // against the model's own hole analysis (`Layout::holes`).
-    let mut calls: Vec<PlannedCall> =
-        Vec::with_capacity(head.len() + open.len() + moves_open.len() + close.len() + tail.len());
+    let mut calls: Vec<PlannedCall> = Vec::with_capacity(
+        head.len() + lossy.len() + open.len() + moves_open.len() + close.len() + tail.len(),
+    );
     let planned = |(call, zapped): (SlotCall, u64), quiesced: bool| PlannedCall {
         call,
         change: if call.is_delete() {
@@ -285,6 +304,7 @@ pub fn plan_with(
         zapped_bytes: zapped,
     };
     calls.extend(head.into_iter().map(|c| planned(c, false)));
+    calls.extend(lossy.into_iter().map(|c| planned(c, false)));
     calls.extend(open.into_iter().map(|c| planned(c, true)));
     calls.extend(moves_open.into_iter().map(|c| planned(c, true)));
     calls.extend(close.into_iter().map(|c| planned((c, 0), true)));
