@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod conformance;
 mod output;
+mod plan;
 mod stress;
 
 /// Change a running VM's KVM memory slots atomically, and measure it.
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Hold the model against the running kernel (random calls) or a QEMU trace.
     Conformance(conformance::Args),
+    /// Plan a QEMU trace's commits (or one change between two JSON maps) and compare with QEMU.
+    Plan(plan::Args),
     /// Run a workload of layout changes on a real guest and count what it sees.
     Stress(stress::Args),
     /// Measure slot-change costs, each beside a baseline run in turns with it.
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Conformance(args) => conformance::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Stress(args) => stress::run_cli(args),
     };

@@ -4,12 +4,14 @@
 //!   hole analysis.
 //! - [`trace`]: QEMU `kvm_set_user_memory` traces.
 //! - [`kvm`]: the real `/dev/kvm` backend.
+//! - [`planner`]: guest memory maps planned into safe slot batches; QEMU traces compared.
 //! - [`conformance`]: the model held against the running kernel.
 #![deny(missing_docs)]
 
 pub mod conformance;
 pub mod kvm;
 pub mod model;
+pub mod planner;
 pub mod stress;
 pub mod trace;
 pub mod workload;

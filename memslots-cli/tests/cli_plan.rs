@@ -1,0 +1,240 @@
+//! `memslots plan` driven as a user would: output, JSON last line, SVG, exit status on bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn memslots(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_memslots"))
+        .args(args)
+        .output()
+        .expect("run memslots")
+}
+
+fn last_json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().expect("output");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// A temporary file, removed when dropped.
+struct Temp(PathBuf);
+
+impl Temp {
+    fn to_str(&self) -> Option<&str> {
+        self.0.to_str()
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp(name: &str, text: &str) -> Temp {
+    let path = std::env::temp_dir().join(format!("memslots-plan-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).expect("write temp file");
+    Temp(path)
+}
+
+fn trace(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/traces")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn trace_json_has_exactly_the_issue_fields() {
+    let svg = temp("trace.svg", "");
+    let out = memslots(&[
+        "plan",
+        &trace("pc-512m-std.log"),
+        "--json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = last_json(&out);
+    let mut keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "ioctls",
+            "qemu_inhibited_ioctls",
+            "qemu_ioctls",
+            "qemu_zapped_bytes",
+            "quiesced_ioctls",
+            "transactions",
+            "zapped_bytes"
+        ]
+    );
+    let transactions = json["transactions"].as_array().unwrap();
+    let ops: Vec<&serde_json::Value> = transactions
+        .iter()
+        .flat_map(|t| t["ops"].as_array().unwrap())
+        .collect();
+    assert_eq!(ops.len() as u64, json["ioctls"].as_u64().unwrap());
+    let mut op_keys: Vec<&str> = ops[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    op_keys.sort();
+    assert_eq!(op_keys, ["flags", "gpa", "quiesced", "size", "slot", "ua"]);
+    let quiesced = ops.iter().filter(|o| o["quiesced"] == true).count() as u64;
+    assert_eq!(quiesced, json["quiesced_ioctls"].as_u64().unwrap());
+    assert_eq!(json["qemu_ioctls"], 35);
+    // The trace's own host addresses are kept.
+    assert!(ops.iter().any(|o| o["ua"] == 0x7fc2_7fe0_0000u64));
+    let drawing = std::fs::read_to_string(&svg.0).unwrap();
+    assert!(drawing.starts_with("<svg") && drawing.contains("commit 7"));
+}
+
+const A: &str = r#"{"backings": {"ram": {"host": "0x7f0000000000", "size": "0x40000000"}},
+  "regions": [{"gpa": "0x0", "size": "0x40000000", "backing": "ram"}]}"#;
+const B: &str = r#"{"backings": {"ram": {"host": "0x7f0000000000", "size": "0x40000000"},
+                 "rom": {"host": "0x7f1000000000", "size": "0x20000"}},
+  "regions": [{"gpa": "0x0", "size": "0xc0000", "backing": "ram"},
+              {"gpa": "0xc0000", "size": "0x20000", "backing": "rom", "readonly": true},
+              {"gpa": "0xe0000", "size": "0x3ff20000", "backing": "ram", "offset": "0xe0000"}]}"#;
+
+#[test]
+fn two_maps_give_one_transaction() {
+    let (a, b) = (temp("a.json", A), temp("b.json", B));
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        b.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = last_json(&out);
+    assert_eq!(json["transactions"].as_array().unwrap().len(), 1);
+    // The ROM lands in the 0xc0000..0x100000 slot the boot cut: that slot is all that is zapped.
+    assert_eq!(json["zapped_bytes"], 0x4_0000);
+    assert_eq!(json["qemu_zapped_bytes"], 0x4000_0000);
+    assert!(json["quiesced_ioctls"].as_u64().unwrap() <= json["ioctls"].as_u64().unwrap());
+}
+
+#[test]
+fn malformed_trace_names_its_line_and_exits_2() {
+    let bad = temp(
+        "bad.log",
+        "kvm_set_user_memory Slot#0 flags=0x0 gpa=0x0 size=0x1000 ua=0x7f0000000000 ret=0\n\
+         kvm_set_user_memory Slot#1 flags=0x0 gpa=zz size=0x1000 ua=0x7f0000001000 ret=0\n",
+    );
+    let out = memslots(&["plan", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+}
+
+#[test]
+fn overlapping_map_names_the_regions_and_exits_2() {
+    let a = temp("ok.json", A);
+    let b = temp(
+        "overlap.json",
+        r#"{"regions": [{"gpa": "0x0", "size": "0x2000", "host": "0x7f0000000000"},
+                       {"gpa": "0x1000", "size": "0x1000", "host": "0x7f1000000000"}]}"#,
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("regions[1] overlaps regions[0]"), "{err}");
+    assert!(err.contains("overlap.json"), "{err}");
+}
+
+#[test]
+fn json_syntax_error_gives_line_and_column() {
+    let a = temp(
+        "syntax.json",
+        "{\n \"regions\": [\n  {\"gpa\": 0x0}\n ]\n}\n",
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        a.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("syntax.json:3:"), "{}", stderr(&out));
+}
+
+#[test]
+fn map_with_more_slots_than_the_kernel_allows_exits_2() {
+    let regions: Vec<String> = (0..32_765u64)
+        .map(|i| {
+            format!(
+                r#"{{"gpa": {}, "size": 4096, "host": {}}}"#,
+                i * 0x2000,
+                0x7f00_0000_0000u64 + i * 0x2000
+            )
+        })
+        .collect();
+    let big = temp(
+        "big.json",
+        &format!(r#"{{"regions": [{}]}}"#, regions.join(",")),
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        big.to_str().unwrap(),
+        "--to",
+        big.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("32765 slot ids") && err.contains("32764"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_files_and_bad_arguments_exit_2() {
+    let out = memslots(&["plan", "/nonexistent/trace.log"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/nonexistent/trace.log"),
+        "{}",
+        stderr(&out)
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        "/nonexistent/a.json",
+        "--to",
+        "/nonexistent/b.json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/nonexistent/a.json"),
+        "{}",
+        stderr(&out)
+    );
+    let out = memslots(&["plan"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = memslots(&["plan", "--from", "/nonexistent/a.json"]);
+    assert_eq!(out.status.code(), Some(2));
+}

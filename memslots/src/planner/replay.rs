@@ -1,0 +1,253 @@
+//! QEMU traces replayed through the planner: each commit's target map, QEMU's own figures, and the
+//! plan that reaches the same map from the layout the previous plans produced.
+
+use std::ops::Range;
+
+use serde::Serialize;
+
+use super::map::MemoryMap;
+use super::plan::{plan_with, Plan, PlanError};
+use super::policy::CutPolicy;
+use crate::model::{Change, Layout, Limits, Rule, SlotCall};
+use crate::trace::Trace;
+
+/// What QEMU's own calls cost in one commit (or a whole trace).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize)]
+pub struct QemuFigures {
+    /// Calls QEMU made (refused ones included: each was an ioctl).
+    pub ioctls: usize,
+    /// Calls QEMU 8.0 makes with every vCPU held out: all calls of a commit in which a deleted
+    /// range overlaps an added one.
+    pub inhibited_ioctls: usize,
+    /// Size of every slot QEMU's DELETEs and MOVEs removed.
+    pub zapped_bytes: u64,
+}
+
+impl std::ops::AddAssign for QemuFigures {
+    fn add_assign(&mut self, o: Self) {
+        self.ioctls += o.ioctls;
+        self.inhibited_ioctls += o.inhibited_ioctls;
+        self.zapped_bytes += o.zapped_bytes;
+    }
+}
+
+/// One QEMU commit: its calls and the mapping after it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct QemuCommit {
+    /// The commit's calls, as a range of [`Trace::calls`].
+    pub calls: Range<usize>,
+    /// 1-based trace line of its first call.
+    pub first_line: usize,
+    /// 1-based trace line of its last call.
+    pub last_line: usize,
+    /// The mapping QEMU's layout has after the commit.
+    pub target: MemoryMap,
+    /// What QEMU's calls cost.
+    pub qemu: QemuFigures,
+}
+
+/// Why a trace cannot be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A call the trace says KVM accepted is refused by the model.
+    #[error("trace line {line}: call `{call}` succeeded in the trace but the model refuses it")]
+    Refused {
+        /// 1-based line.
+        line: usize,
+        /// The call.
+        call: SlotCall,
+        /// The rule it breaks.
+        #[source]
+        rule: Rule,
+    },
+    /// No plan reaches a commit's map.
+    #[error("commit ending at trace line {line}")]
+    Plan {
+        /// Last line of the commit.
+        line: usize,
+        /// Why.
+        #[source]
+        source: PlanError,
+    },
+    /// A plan did not produce the commit's map (a planner bug; the replay stops).
+    #[error("commit ending at trace line {line}: the plan's layout does not map like QEMU's")]
+    Mismatch {
+        /// Last line of the commit.
+        line: usize,
+    },
+}
+
+/// Rebuilds QEMU's commits (see [`Trace::commits`]) and the mapping after each.
+pub fn qemu_commits(trace: &Trace, limits: Limits) -> Result<Vec<QemuCommit>, ReplayError> {
+    let mut layout = Layout::new(limits);
+    let mut out = Vec::new();
+    for range in trace.commits() {
+        let mut deleted = Vec::new();
+        let mut added = Vec::new();
+        let mut zapped = 0;
+        for tc in &trace.calls[range.clone()] {
+            if !tc.accepted() {
+                continue;
+            }
+            let applied = layout
+                .apply(&tc.call)
+                .map_err(|rule| ReplayError::Refused {
+                    line: tc.line,
+                    call: tc.call,
+                    rule,
+                })?;
+            if applied.change.zaps() {
+                let old = applied.before.expect("a delete or move has an old slot");
+                zapped += old.size;
+                deleted.push((old.id.address_space, old.gpa, old.end()));
+            }
+            if matches!(applied.change, Change::Create | Change::Move) {
+                let new = applied.after.expect("a create or move has a new slot");
+                added.push((new.id.address_space, new.gpa, new.end()));
+            }
+        }
+        let overlap = deleted
+            .iter()
+            .any(|d| added.iter().any(|a| a.0 == d.0 && a.1 < d.2 && d.1 < a.2));
+        out.push(QemuCommit {
+            first_line: trace.calls[range.start].line,
+            last_line: trace.calls[range.end - 1].line,
+            qemu: QemuFigures {
+                ioctls: range.len(),
+                inhibited_ioctls: if overlap { range.len() } else { 0 },
+                zapped_bytes: zapped,
+            },
+            calls: range,
+            target: MemoryMap::from_layout(&layout),
+        });
+    }
+    Ok(out)
+}
+
+/// What QEMU's KVM listener would do between two maps: delete every region of `from` that does
+/// not stay identical, re-create every region of `to` that is new, and re-issue a region whose only
+/// change is dirty logging as a flags-only call. Each joined region counts as one QEMU section.
+pub fn qemu_equivalent(from: &MemoryMap, to: &MemoryMap) -> QemuFigures {
+    use crate::model::SlotFlags;
+    let key = |r: &super::map::Region| {
+        (
+            r.address_space,
+            r.gpa,
+            r.size,
+            r.host,
+            r.flags.with(SlotFlags::LOG_DIRTY_PAGES, false).bits(),
+        )
+    };
+    let old: std::collections::BTreeMap<_, _> =
+        from.regions().iter().map(|r| (key(r), *r)).collect();
+    let new: std::collections::BTreeMap<_, _> = to.regions().iter().map(|r| (key(r), *r)).collect();
+    let mut figures = QemuFigures::default();
+    let mut deleted = Vec::new();
+    let mut added = Vec::new();
+    for (k, r) in &old {
+        match new.get(k) {
+            Some(n) if n.flags != r.flags => figures.ioctls += 1,
+            Some(_) => {}
+            None => {
+                figures.ioctls += 1;
+                figures.zapped_bytes += r.size;
+                deleted.push(*r);
+            }
+        }
+    }
+    for (k, r) in &new {
+        if !old.contains_key(k) {
+            figures.ioctls += 1;
+            added.push(*r);
+        }
+    }
+    let overlap = deleted.iter().any(|d| {
+        added
+            .iter()
+            .any(|a| a.address_space == d.address_space && a.gpa < d.end() && d.gpa < a.end())
+    });
+    if overlap {
+        figures.inhibited_ioctls = figures.ioctls;
+    }
+    figures
+}
+
+/// One commit replayed: QEMU's commit, the map before it, and the plan.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct CommitReplay {
+    /// QEMU's commit and its target map.
+    pub commit: QemuCommit,
+    /// The mapping before the commit.
+    pub before: MemoryMap,
+    /// The planner's batch from the previous plans' layout.
+    pub plan: Plan,
+}
+
+/// Figures summed over a trace, the planner's beside QEMU's.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize)]
+pub struct Totals {
+    /// The planner's calls.
+    pub ioctls: usize,
+    /// The planner's calls that run quiesced.
+    pub quiesced_ioctls: usize,
+    /// Size of every slot the planner's DELETEs and MOVEs remove.
+    pub zapped_bytes: u64,
+    /// QEMU's figures.
+    pub qemu: QemuFigures,
+}
+
+/// A whole trace replayed through the planner.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct TraceReplay {
+    /// Every commit, in order.
+    pub commits: Vec<CommitReplay>,
+    /// The layout after the last plan.
+    pub layout: Layout,
+}
+
+impl TraceReplay {
+    /// Figures summed over the trace.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for c in &self.commits {
+            t.ioctls += c.plan.ioctls();
+            t.quiesced_ioctls += c.plan.quiesced_ioctls();
+            t.zapped_bytes += c.plan.zapped_bytes();
+            t.qemu += c.commit.qemu;
+        }
+        t
+    }
+}
+
+/// Plans every commit of `trace` from the layout the previous plans produced, applying each plan
+/// to the model and checking that it maps exactly like QEMU's layout after the commit.
+pub fn replay(
+    trace: &Trace,
+    limits: Limits,
+    policy: &CutPolicy,
+) -> Result<TraceReplay, ReplayError> {
+    let mut layout = Layout::new(limits);
+    let mut before = MemoryMap::default();
+    let mut commits = Vec::new();
+    for commit in qemu_commits(trace, limits)? {
+        let line = commit.last_line;
+        let plan = plan_with(&layout, &commit.target, policy)
+            .map_err(|source| ReplayError::Plan { line, source })?;
+        layout
+            .apply_batch(&plan.slot_calls())
+            .map_err(|e| ReplayError::Plan {
+                line,
+                source: PlanError::Refused(e),
+            })?;
+        if MemoryMap::from_layout(&layout) != commit.target {
+            return Err(ReplayError::Mismatch { line });
+        }
+        let next = commit.target.clone();
+        commits.push(CommitReplay {
+            commit,
+            before: std::mem::replace(&mut before, next),
+            plan,
+        });
+    }
+    Ok(TraceReplay { commits, layout })
+}

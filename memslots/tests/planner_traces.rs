@@ -1,0 +1,85 @@
+//! Every committed QEMU trace replayed through the planner, against the floors.
+
+use std::path::PathBuf;
+
+use memslots::model::{Layout, Limits};
+use memslots::planner::replay::replay;
+use memslots::planner::{CutPolicy, MemoryMap};
+use memslots::trace::Trace;
+
+fn traces() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no traces in {}", dir.display());
+    out
+}
+
+#[test]
+fn every_trace_meets_the_floors() {
+    let mut failures = Vec::new();
+    for path in traces() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let trace = Trace::from_file(&path).unwrap();
+        let run = replay(&trace, Limits::default(), &CutPolicy::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Each plan, from the layout before it, is accepted call by call, leaves no hole outside
+        // its quiesced calls, and ends in the trace's mapping.
+        let mut layout = Layout::new(Limits::default());
+        for c in &run.commits {
+            let calls = c.plan.slot_calls();
+            let holes = layout
+                .holes(&calls)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let window = holes.quiesce_window();
+            for (i, pc) in c.plan.calls.iter().enumerate() {
+                assert_eq!(
+                    pc.quiesced,
+                    window.contains(&i),
+                    "{name} line {}: call {i} quiesced flag vs window {window:?}",
+                    c.commit.last_line
+                );
+            }
+            for h in &holes.holes {
+                assert!(window.contains(&h.opened_by) && window.contains(&h.closed_by));
+            }
+            layout
+                .apply_batch(&calls)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(MemoryMap::from_layout(&layout), c.commit.target, "{name}");
+        }
+        let t = run.totals();
+        eprintln!(
+            "{name}: ioctls {} (qemu {}), quiesced {} (qemu inhibited {}), zapped {:#x} (qemu {:#x})",
+            t.ioctls,
+            t.qemu.ioctls,
+            t.quiesced_ioctls,
+            t.qemu.inhibited_ioctls,
+            t.zapped_bytes,
+            t.qemu.zapped_bytes
+        );
+        if 2 * t.quiesced_ioctls > t.qemu.inhibited_ioctls {
+            failures.push(format!(
+                "{name}: quiesced {} > half of {}",
+                t.quiesced_ioctls, t.qemu.inhibited_ioctls
+            ));
+        }
+        if 1000 * t.zapped_bytes > t.qemu.zapped_bytes {
+            failures.push(format!(
+                "{name}: zapped {:#x} > 0.1% of {:#x}",
+                t.zapped_bytes, t.qemu.zapped_bytes
+            ));
+        }
+        if 5 * t.ioctls > 6 * t.qemu.ioctls {
+            failures.push(format!(
+                "{name}: ioctls {} > 1.2 x {}",
+                t.ioctls, t.qemu.ioctls
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
