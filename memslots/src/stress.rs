@@ -161,16 +161,22 @@ impl DirtyCheck {
         }
     }
 
+    /// Pages of the checked ranges that some logging slot covers.
     fn logging(&self, layout: &Layout) -> BTreeSet<u64> {
-        let mut out = BTreeSet::new();
-        for s in layout.slots().filter(|s| s.flags.log_dirty()) {
-            for page in (s.host..s.host + s.size).step_by(PAGE_SIZE as usize) {
-                if self.ranges.iter().any(|r| (r.0..r.1).contains(&page)) {
-                    out.insert(page);
-                }
-            }
-        }
-        out
+        let slots: Vec<(u64, u64)> = layout
+            .slots()
+            .filter(|s| s.flags.log_dirty())
+            .map(|s| (s.host, s.host + s.size))
+            .collect();
+        self.pages()
+            .filter(|p| slots.iter().any(|s| (s.0..s.1).contains(p)))
+            .collect()
+    }
+
+    fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges
+            .iter()
+            .flat_map(|&(start, end)| (start..end).step_by(PAGE_SIZE as usize))
     }
 
     /// After an update: only pages logging still covers stay eligible.
@@ -188,15 +194,14 @@ impl DirtyCheck {
             let reported = vm.dirty_pages();
             self.reported += reported.len() as u64;
             let arena = vm.arena();
-            for &(start, end) in &self.ranges {
-                for page in (start..end).step_by(PAGE_SIZE as usize) {
-                    let now = [0, 4, 8, 12].map(|o| arena.read_u32(page + o));
-                    let changed = self.snapshot.get(&page).is_some_and(|old| *old != now);
-                    if changed && self.eligible.contains(&page) && !reported.contains(&page) {
-                        self.lost += 1;
-                    }
-                    self.snapshot.insert(page, now);
+            let pages: Vec<u64> = self.pages().collect();
+            for page in pages {
+                let now = [0, 4, 8, 12].map(|o| arena.read_u32(page + o));
+                let changed = self.snapshot.get(&page).is_some_and(|old| *old != now);
+                if changed && self.eligible.contains(&page) && !reported.contains(&page) {
+                    self.lost += 1;
                 }
+                self.snapshot.insert(page, now);
             }
             self.eligible = self.logging(vm.layout());
         });
@@ -230,10 +235,7 @@ pub fn run(
         return Err(StressError::Unbounded);
     }
     let kind = config.workload;
-    let mut vm = TestVm::new(TestVmConfig {
-        vcpus: config.vcpus,
-        arena_size: kind.arena_size(),
-    })?;
+    let mut vm = TestVm::new(TestVmConfig::new(config.vcpus, kind.arena_size()))?;
     let arena = Arena {
         gpa: ARENA_GPA,
         host: vm.arena_host(),

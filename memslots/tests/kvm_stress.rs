@@ -137,11 +137,7 @@ fn qemu_strategy_never_shows_a_hole() {
 
 /// A running test VM with a workload's initial slots.
 fn running(kind: WorkloadKind) -> (TestVm, Workload) {
-    let mut vm = TestVm::new(TestVmConfig {
-        vcpus: 2,
-        arena_size: kind.arena_size(),
-    })
-    .expect("vm");
+    let mut vm = TestVm::new(TestVmConfig::new(2, kind.arena_size())).expect("vm");
     let arena = Arena {
         gpa: ARENA_GPA,
         host: vm.arena_host(),

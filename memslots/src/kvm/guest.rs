@@ -1,7 +1,7 @@
 //! The embedded test guest: 32-bit protected mode, flat segments, no paging, interrupts off.
 //!
 //! Its code, GDT, stacks and per-vCPU control blocks live in a private slot that no workload
-//! touches. Each vCPU loops over the probe pages the host lists in its control block: it reads its
+//! touches; the constants below are offsets from that slot's base GPA, which the host chooses. Each vCPU loops over the probe pages the host lists in its control block: it reads its
 //! own dword of the page and compares it with the last value it wrote there (kept per host page,
 //! a *cell*, so a region that moves keeps its expected values), writes a new sequence number, and
 //! at the end of a round calls a function in a re-slotted range (when the host names one) and
@@ -14,16 +14,16 @@ use iced_x86::IcedError;
 
 /// Size of the private slot.
 pub const PRIVATE_SIZE: u64 = 2 << 20;
-/// GDT address.
-pub const GDT_GPA: u64 = 0x500;
-/// Code address.
-pub const CODE_GPA: u64 = 0x1000;
-/// First control block.
-pub const CTL_GPA: u64 = 0x10_0000;
+/// GDT offset.
+pub const GDT: u64 = 0x500;
+/// Code offset.
+pub const CODE: u64 = 0x1000;
+/// Offset of the first control block.
+pub const CTL: u64 = 0x10_0000;
 /// Bytes of one vCPU's control block (header, expected values, stack at its top).
 pub const CTL_SIZE: u64 = 0x4_0000;
 /// Most vCPUs the private slot has room for.
-pub const MAX_VCPUS: usize = ((PRIVATE_SIZE - CTL_GPA) / CTL_SIZE) as usize;
+pub const MAX_VCPUS: usize = ((PRIVATE_SIZE - CTL) / CTL_SIZE) as usize;
 
 /// Control block fields (byte offsets).
 pub mod ctl {
@@ -77,19 +77,19 @@ pub fn gdt() -> [u64; 3] {
     [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
 }
 
-/// Control block of vCPU `index`.
-pub fn ctl_gpa(index: usize) -> u64 {
-    CTL_GPA + index as u64 * CTL_SIZE
+/// Offset of vCPU `index`'s control block.
+pub fn ctl_offset(index: usize) -> u64 {
+    CTL + index as u64 * CTL_SIZE
 }
 
-/// Initial stack pointer of vCPU `index` (top of its control block).
+/// Offset of vCPU `index`'s initial stack pointer (top of its control block).
 pub fn stack_top(index: usize) -> u64 {
-    ctl_gpa(index) + CTL_SIZE
+    ctl_offset(index) + CTL_SIZE
 }
 
-/// Assembles the probe loop. Entry state: EBX = control block, EBP = this vCPU's byte offset
-/// inside each probe page, ESP = stack.
-pub fn code() -> Result<Vec<u8>, IcedError> {
+/// Assembles the probe loop to run at `base + CODE`. Entry state: EBX = control block, EBP =
+/// this vCPU's byte offset inside each probe page, ESP = stack.
+pub fn code(base: u64) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(32)?;
     let mut top = a.create_label();
     let mut next = a.create_label();
@@ -144,5 +144,5 @@ pub fn code() -> Result<Vec<u8>, IcedError> {
     a.mov(c(ctl::PHASE), 0)?;
     a.out(port::ROUND as i32, al)?;
     a.jmp(top)?;
-    a.assemble(CODE_GPA)
+    a.assemble(base + CODE)
 }

@@ -125,6 +125,20 @@ pub struct TestVmConfig {
     pub vcpus: usize,
     /// Bytes of the arena: the host memory workloads map.
     pub arena_size: u64,
+    /// Base GPA of the guest's private slot ([`guest::PRIVATE_SIZE`] bytes, below 4 GiB, 2 MiB
+    /// aligned); workloads must leave it alone.
+    pub private_gpa: u64,
+}
+
+impl TestVmConfig {
+    /// `vcpus` vCPUs, an arena of `arena_size` bytes, the private slot at GPA 0.
+    pub fn new(vcpus: usize, arena_size: u64) -> Self {
+        TestVmConfig {
+            vcpus,
+            arena_size,
+            private_gpa: 0,
+        }
+    }
 }
 
 /// A VM running the embedded test guest, with its host memory, slots, gate and counters.
@@ -141,14 +155,18 @@ pub struct TestVm {
     arena: Arc<Backing>,
     device: GuestMemoryAtomic<GuestMemoryMmap>,
     published: Mutex<u64>,
+    private_gpa: u64,
 }
-
-/// The private slot's id: workloads use ids from 1.
-pub const PRIVATE_SLOT: SlotId = SlotId::new(0);
 
 impl TestVm {
     /// Creates the VM, its memory, the private slot and the vCPUs (not yet running).
     pub fn new(config: TestVmConfig) -> Result<Self, TestVmError> {
+        let base = config.private_gpa;
+        if base % guest::PRIVATE_SIZE != 0 || base + guest::PRIVATE_SIZE > 1 << 32 {
+            return Err(TestVmError::Config(format!(
+                "the private slot at {base:#x} must be 2 MiB aligned and below 4 GiB"
+            )));
+        }
         if config.vcpus == 0 || config.vcpus > guest::MAX_VCPUS {
             return Err(TestVmError::Config(format!(
                 "vCPUs must be 1 to {}, not {}",
@@ -162,14 +180,15 @@ impl TestVm {
             .add(Backing::anonymous("private", guest::PRIVATE_SIZE).map_err(TestVmError::Memory)?);
         let arena = memory
             .add(Backing::anonymous("arena", config.arena_size).map_err(TestVmError::Memory)?);
-        let code = guest::code().map_err(|e| TestVmError::Assemble(e.to_string()))?;
-        private.write_bytes(private.host() + guest::CODE_GPA, &code);
+        let code = guest::code(base).map_err(|e| TestVmError::Assemble(e.to_string()))?;
+        private.write_bytes(private.host() + guest::CODE, &code);
         let gdt: Vec<u8> = guest::gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
-        private.write_bytes(private.host() + guest::GDT_GPA, &gdt);
+        private.write_bytes(private.host() + guest::GDT, &gdt);
         let mut slots = SlotTable::new(vm.clone());
         let private_slot = Slot {
-            id: PRIVATE_SLOT,
-            gpa: 0,
+            // The highest id, so that workloads and traces keep the low ones.
+            id: SlotId::new(vm.limits().slots - 1),
+            gpa: base,
             size: guest::PRIVATE_SIZE,
             host: private.host(),
             flags: SlotFlags::NONE,
@@ -183,7 +202,8 @@ impl TestVm {
                 .fd()
                 .create_vcpu(index as u64)
                 .map_err(|source| TestVmError::Vcpu { index, source })?;
-            vcpu::reset(&vcpu, index).map_err(|source| TestVmError::Vcpu { index, source })?;
+            vcpu::reset(&vcpu, index, base)
+                .map_err(|source| TestVmError::Vcpu { index, source })?;
             vcpus.push(vcpu);
         }
         let shared = Arc::new(VcpuShared {
@@ -206,6 +226,7 @@ impl TestVm {
             arena,
             device,
             published: Mutex::new(0),
+            private_gpa: base,
         };
         vm.publish();
         Ok(vm)
@@ -290,7 +311,7 @@ impl TestVm {
             arena.write_bytes(host, &guest::exec_function());
         }
         for index in 0..self.vcpus.len() {
-            let base = self.private.host() + guest::ctl_gpa(index);
+            let base = self.private.host() + guest::ctl_offset(index);
             for (i, &(gpa, host)) in probes.iter().enumerate() {
                 let at = base + ctl::PROBES + i as u64 * 8;
                 self.private.write_u32(at, gpa as u32);
@@ -305,9 +326,10 @@ impl TestVm {
         for (index, vcpu) in self.vcpus.drain(..).enumerate() {
             let shared = self.shared.clone();
             let private = self.private.clone();
+            let base = self.private_gpa;
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run(vcpu, index, shared, private))
+                .spawn(move || vcpu::run(vcpu, index, base, shared, private))
                 .map_err(|e| TestVmError::Config(format!("spawning vCPU thread: {e}")))?;
             self.threads.push(handle);
         }

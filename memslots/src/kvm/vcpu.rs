@@ -102,8 +102,9 @@ fn segment(selector: u16, type_: u8) -> kvm_segment {
     }
 }
 
-/// Puts vCPU `index` at the start of the probe loop in flat 32-bit protected mode.
-pub fn reset(vcpu: &VcpuFd, index: usize) -> Result<(), kvm_ioctls::Error> {
+/// Puts vCPU `index` at the start of the probe loop in flat 32-bit protected mode, with the
+/// private slot at `base`.
+pub fn reset(vcpu: &VcpuFd, index: usize, base: u64) -> Result<(), kvm_ioctls::Error> {
     let mut sregs: kvm_sregs = vcpu.get_sregs()?;
     sregs.cs = segment(0x08, 0xb);
     let data = segment(0x10, 0x3);
@@ -112,32 +113,39 @@ pub fn reset(vcpu: &VcpuFd, index: usize) -> Result<(), kvm_ioctls::Error> {
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.gdt.base = guest::GDT_GPA;
+    sregs.gdt.base = base + guest::GDT;
     sregs.gdt.limit = (std::mem::size_of::<[u64; 3]>() - 1) as u16;
     sregs.cr0 = 0x11; // PE | ET; no paging
     sregs.cr4 = 0;
     sregs.efer = 0;
     vcpu.set_sregs(&sregs)?;
     let regs = kvm_regs {
-        rip: guest::CODE_GPA,
+        rip: base + guest::CODE,
         rflags: 0x2,
-        rsp: guest::stack_top(index),
-        rbx: guest::ctl_gpa(index),
+        rsp: base + guest::stack_top(index),
+        rbx: base + guest::ctl_offset(index),
         rbp: index as u64 * 4,
         ..Default::default()
     };
     vcpu.set_regs(&regs)
 }
 
-/// Runs vCPU `index` until `shared.stop`. `private` is the backing of the private slot (GPA 0).
-pub fn run(mut vcpu: VcpuFd, index: usize, shared: Arc<VcpuShared>, private: Arc<Backing>) {
+/// Runs vCPU `index` until `shared.stop`. `private` is the backing of the private slot, whose
+/// base GPA is `base`.
+pub fn run(
+    mut vcpu: VcpuFd,
+    index: usize,
+    base: u64,
+    shared: Arc<VcpuShared>,
+    private: Arc<Backing>,
+) {
     let gate = shared.gate.clone();
     gate.register();
     let run_ptr: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
     // SAFETY: the kvm_run mapping belongs to `vcpu`, which this thread owns and drops only after
     // unbinding below.
     unsafe { bind_kvm_run(Some(run_ptr)) };
-    let ctl_host = |off: u64| private.host() + guest::ctl_gpa(index) + off;
+    let ctl_host = |off: u64| private.host() + guest::ctl_offset(index) + off;
     let c = &shared.counters;
     loop {
         // Clear first, then check the gate: a kick after the check still stops `KVM_RUN`.
@@ -161,7 +169,7 @@ pub fn run(mut vcpu: VcpuFd, index: usize, shared: Arc<VcpuShared>, private: Arc
             Err(e) => {
                 c.internal_errors.fetch_add(1, Ordering::Relaxed);
                 shared.problem(format!("vCPU {index}: KVM_RUN failed: {e}"));
-                let _ = reset(&vcpu, index);
+                let _ = reset(&vcpu, index, base);
                 continue;
             }
         };
@@ -221,7 +229,7 @@ pub fn run(mut vcpu: VcpuFd, index: usize, shared: Arc<VcpuShared>, private: Arc
             }
         }
         if needs_reset {
-            if let Err(e) = reset(&vcpu, index) {
+            if let Err(e) = reset(&vcpu, index, base) {
                 shared.problem(format!("vCPU {index}: cannot reset after an error: {e}"));
                 break;
             }
