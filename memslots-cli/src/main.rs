@@ -10,6 +10,7 @@ mod bench;
 mod conformance;
 mod output;
 mod plan;
+mod replay;
 mod stress;
 
 /// Change a running VM's KVM memory slots atomically, and measure it.
@@ -28,6 +29,8 @@ enum Command {
     Plan(plan::Args),
     /// Run a workload of layout changes on a real guest and count what it sees.
     Stress(stress::Args),
+    /// Replay a QEMU trace's commits on a real guest.
+    Replay(replay::Args),
     /// Measure slot-change costs, each beside a baseline run in turns with it.
     Bench(bench::Args),
 }
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Stress(args) => stress::run_cli(args),
+        Command::Replay(args) => replay::run_cli(args),
     };
     match result {
         Ok(code) => code,

@@ -108,27 +108,13 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     if args.backend == BackendArg::Soft {
         return Err("--backend soft is not wired to stress yet; use --backend kvm".into());
     }
-    if let Some(p) = args.inject_faults {
-        if !(0.0..=1.0).contains(&p) {
-            return Err(format!("--inject-faults takes a probability from 0 to 1, not {p}").into());
-        }
-    }
+    let inject_faults = probability(args.inject_faults)?;
     if let Some(d) = args.duration {
         if !(d > 0.0 && d.is_finite()) {
             return Err(format!("--duration takes a positive number of seconds, not {d}").into());
         }
     }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        return Err(format!(
-            "cannot open /dev/kvm ({e}): --backend kvm needs the kvm module and read/write access \
-             to /dev/kvm; try --backend soft"
-        )
-        .into());
-    }
+    require_kvm()?;
     let duration = match (args.updates, args.duration) {
         (None, None) => Some(Duration::from_secs(10)),
         (_, d) => d.map(Duration::from_secs_f64),
@@ -140,7 +126,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         updates: args.updates,
         duration,
         seed: args.seed,
-        inject_faults: args.inject_faults,
+        inject_faults,
     };
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = match config.updates {
@@ -168,6 +154,32 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Checks `--inject-faults`.
+pub fn probability(p: Option<f64>) -> Result<Option<f64>, Box<dyn Error>> {
+    match p {
+        Some(p) if !(0.0..=1.0).contains(&p) => {
+            Err(format!("--inject-faults takes a probability from 0 to 1, not {p}").into())
+        }
+        p => Ok(p),
+    }
+}
+
+/// Fails at once, saying what is missing, when `/dev/kvm` cannot be used.
+pub fn require_kvm() -> Result<(), Box<dyn Error>> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "cannot open /dev/kvm ({e}): --backend kvm needs the kvm module and read/write \
+                 access to /dev/kvm; try --backend soft"
+            )
+            .into()
+        })
 }
 
 /// The human summary table.

@@ -334,3 +334,290 @@ pub fn run(
     drop(vm);
     Ok(report)
 }
+
+/// What to replay a trace with.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplayConfig {
+    /// How each commit is applied: the planner's batch for `atomic`, QEMU's own calls otherwise.
+    pub strategy: Strategy,
+    /// vCPUs running the guest.
+    pub vcpus: usize,
+    /// Times through the trace (forward, then back to the first commit's layout).
+    pub loops: u64,
+    /// Seed of injected faults.
+    pub seed: u64,
+    /// Probability that a slot ioctl fails on purpose.
+    pub inject_faults: Option<f64>,
+}
+
+/// Why a trace could not be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The trace's commits could not be rebuilt.
+    #[error("rebuilding the trace's commits")]
+    Trace(#[from] crate::planner::replay::ReplayError),
+    /// The planner refused a commit.
+    #[error("planning commit {commit}")]
+    Plan {
+        /// Commit index.
+        commit: usize,
+        /// The cause.
+        #[source]
+        source: crate::planner::PlanError,
+    },
+    /// The trace has too little in it.
+    #[error("the trace has {0} commits; replay needs at least 2")]
+    TooShort(usize),
+    /// No 2 MiB below 4 GiB is free in every commit for the test guest.
+    #[error("no free 2 MiB window below 4 GiB for the test guest")]
+    NoRoom,
+    /// The run itself.
+    #[error(transparent)]
+    Stress(#[from] StressError),
+}
+
+/// QEMU's host memory laid out in one arena: each run of QEMU's host ranges keeps its offsets.
+struct HostLayout {
+    runs: Vec<(u64, u64, u64)>, // (qemu start, qemu end, arena offset)
+    size: u64,
+}
+
+impl HostLayout {
+    fn of(trace: &crate::trace::Trace) -> Self {
+        let mut runs = crate::trace::HostRuns::of(trace).runs;
+        // Small runs (ROMs, VRAM) first, so the guest's probes reach the re-slotted memory with
+        // small cell numbers; RAM last.
+        runs.sort_by_key(|r| (r.1 - r.0, r.0));
+        let mut offset = 0;
+        let runs = runs
+            .into_iter()
+            .map(|(s, e)| {
+                let r = (s, e, offset);
+                offset += (e - s).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+                r
+            })
+            .collect();
+        HostLayout { runs, size: offset }
+    }
+
+    fn to_arena(&self, arena: u64, qemu: u64) -> Option<u64> {
+        self.runs
+            .iter()
+            .find(|r| (r.0..r.1).contains(&qemu))
+            .map(|r| arena + r.2 + (qemu - r.0))
+    }
+
+    fn to_qemu(&self, arena: u64, ours: u64) -> Option<u64> {
+        let off = ours.checked_sub(arena)?;
+        self.runs
+            .iter()
+            .find(|r| (r.2..r.2 + (r.1 - r.0)).contains(&off))
+            .map(|r| r.0 + (off - r.2))
+    }
+
+    fn call(&self, arena: u64, call: &SlotCall) -> SlotCall {
+        SlotCall {
+            host: self.to_arena(arena, call.host).unwrap_or(arena),
+            ..*call
+        }
+    }
+}
+
+/// The mapping each target has at `gpa` (address space 0): host, if mapped.
+fn host_at(map: &crate::planner::MemoryMap, gpa: u64) -> Option<u64> {
+    map.regions()
+        .iter()
+        .find(|r| r.address_space == 0 && r.gpa <= gpa && gpa < r.end())
+        .map(|r| r.host_of(gpa))
+}
+
+/// Replays a QEMU trace's commits on a running test guest.
+pub fn replay(
+    trace: &crate::trace::Trace,
+    name: &str,
+    config: &ReplayConfig,
+    mut progress: impl FnMut(u64, Option<u64>),
+) -> Result<StressReport, ReplayError> {
+    use crate::planner::{plan, MemoryMap};
+    let limits = crate::model::Limits::default();
+    let commits = crate::planner::replay::qemu_commits(trace, limits)?;
+    if commits.len() < 2 {
+        return Err(ReplayError::TooShort(commits.len()));
+    }
+    let targets: Vec<MemoryMap> = commits.iter().map(|c| c.target.clone()).collect();
+    // QEMU's own layouts after each commit, for its calls (qemu, naive) and the way back.
+    let mut qemu_layouts = Vec::new();
+    let mut l = Layout::new(limits);
+    for c in &commits {
+        for tc in &trace.calls[c.calls.clone()] {
+            if tc.accepted() {
+                let _ = l.apply(&tc.call);
+            }
+        }
+        qemu_layouts.push(l.clone());
+    }
+    let hosts = HostLayout::of(trace);
+    // A 2 MiB window below 4 GiB that no commit maps, for the guest's own slot.
+    let window = (1..(0xffe0_0000 / crate::kvm::guest::PRIVATE_SIZE))
+        .rev()
+        .map(|i| i * crate::kvm::guest::PRIVATE_SIZE)
+        .find(|&base| {
+            let end = base + crate::kvm::guest::PRIVATE_SIZE;
+            targets.iter().all(|m| {
+                m.regions()
+                    .iter()
+                    .all(|r| r.address_space != 0 || r.end() <= base || r.gpa >= end)
+            })
+        })
+        .ok_or(ReplayError::NoRoom)?;
+    let mut vm = TestVm::new(TestVmConfig {
+        vcpus: config.vcpus,
+        arena_size: hosts.size,
+        private_gpa: window,
+    })
+    .map_err(StressError::from)?;
+    let arena = vm.arena_host();
+
+    // Probes: pages below 4 GiB that every commit maps to the same host page, or leaves unmapped
+    // (their expected values stay true); the first MiB (where firmware re-slots) first.
+    let max_cells = crate::kvm::guest::ctl::MAX_CELLS as u64;
+    let mut candidates: Vec<u64> = (0..0x10_0000).step_by(PAGE_SIZE as usize).collect();
+    candidates.extend((0x10_0000..0xffff_f000_u64).step_by(0x20_0000));
+    let mut probes = Vec::new();
+    for gpa in candidates {
+        if (window..window + crate::kvm::guest::PRIVATE_SIZE).contains(&gpa) {
+            continue;
+        }
+        let mut seen: Option<u64> = None;
+        let mut constant = true;
+        for t in &targets {
+            if let Some(h) = host_at(t, gpa) {
+                constant &= seen.is_none_or(|s| s == h);
+                seen = Some(h);
+            }
+        }
+        let ours = seen.and_then(|h| hosts.to_arena(arena, h));
+        if let (true, Some(ours)) = (constant, ours) {
+            if (ours - arena) / PAGE_SIZE < max_cells {
+                probes.push((gpa, ours));
+            }
+        }
+    }
+    probes.truncate(crate::kvm::guest::ctl::MAX_PROBES);
+
+    // Commit 0 builds the first layout; vCPUs start on it.
+    let mut shadow = Layout::new(limits);
+    let first: Vec<SlotCall> = match config.strategy {
+        Strategy::Atomic => plan(&shadow, &targets[0])
+            .map_err(|source| ReplayError::Plan { commit: 0, source })?
+            .calls
+            .iter()
+            .map(|p| p.call)
+            .collect(),
+        _ => crate::kvm::qemu_batch(&shadow, &qemu_layouts[0]),
+    };
+    let ours: Vec<SlotCall> = first.iter().map(|c| hosts.call(arena, c)).collect();
+    vm.apply(&ours, Strategy::Atomic)
+        .map_err(|e| StressError::Apply(e))?;
+    shadow
+        .apply_batch(&first)
+        .expect("the model accepted these calls for the VM");
+    vm.start(&probes, None).map_err(StressError::from)?;
+    if let Some(p) = config.inject_faults {
+        vm.inject_faults(Some(FaultInjector::Random {
+            p,
+            rng: SplitMix64::new(config.seed ^ 0xfa17),
+        }));
+    }
+    let mut dirty = DirtyCheck::new(probes.iter().map(|&(_, h)| (h, h + PAGE_SIZE)).collect());
+    dirty.harvest(&mut vm);
+
+    let ioctls_start = vm.ioctls();
+    let steps: Vec<usize> = (1..commits.len()).chain([0]).collect();
+    let total = steps.len() as u64 * config.loops;
+    let (mut updates, mut rollbacks) = (0u64, 0u64);
+    let (mut blackout, mut update_us, mut kick) = (Vec::new(), Vec::new(), Vec::new());
+    let mut matches = true;
+    for _ in 0..config.loops {
+        for &c in &steps {
+            let calls: Vec<SlotCall> = match config.strategy {
+                Strategy::Atomic => plan(&shadow, &targets[c])
+                    .map_err(|source| ReplayError::Plan { commit: c, source })?
+                    .calls
+                    .iter()
+                    .map(|p| p.call)
+                    .collect(),
+                // QEMU's own calls forward; its listener's calls on the way back.
+                _ if c == 0 => crate::kvm::qemu_batch(&shadow, &qemu_layouts[0]),
+                _ => trace.calls[commits[c].calls.clone()]
+                    .iter()
+                    .filter(|tc| tc.accepted())
+                    .map(|tc| tc.call)
+                    .collect(),
+            };
+            let ours: Vec<SlotCall> = calls.iter().map(|call| hosts.call(arena, call)).collect();
+            // A batch rolled back by an injected fault is tried again: the trace must go on.
+            let stats = loop {
+                match vm.apply(&ours, config.strategy) {
+                    Ok(stats) => break stats,
+                    Err(ApplyError::RolledBack { stats, .. }) => {
+                        rollbacks += 1;
+                        blackout.push(
+                            stats
+                                .quiesce
+                                .map_or(0.0, |q| q.blackout.as_secs_f64() * 1e6),
+                        );
+                    }
+                    Err(e) => return Err(StressError::Apply(e).into()),
+                }
+            };
+            updates += 1;
+            shadow
+                .apply_batch(&calls)
+                .expect("the model accepted these calls for the VM");
+            blackout.push(
+                stats
+                    .quiesce
+                    .map_or(0.0, |q| q.blackout.as_secs_f64() * 1e6),
+            );
+            if let Some(q) = stats.quiesce {
+                kick.push(q.kick_to_parked.as_secs_f64() * 1e6);
+            }
+            update_us.push(stats.update.as_secs_f64() * 1e6);
+            // The VM's own slots, in QEMU's host addresses, must map exactly like the trace.
+            let mut seen = Layout::new(limits);
+            for s in vm.layout().slots() {
+                if s.gpa == window && s.size == crate::kvm::guest::PRIVATE_SIZE {
+                    continue;
+                }
+                let host = hosts.to_qemu(arena, s.host).unwrap_or(0);
+                let _ = seen.apply(&crate::model::Slot { host, ..*s }.set_call());
+            }
+            matches &= MemoryMap::from_layout(&seen) == targets[c];
+            dirty.after_update(vm.layout());
+            dirty.harvest(&mut vm);
+            progress(updates, Some(total));
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    let guest = vm.guest_stats();
+    Ok(StressReport {
+        backend: "kvm",
+        strategy: config.strategy.name(),
+        workload: name.to_owned(),
+        vcpus: config.vcpus,
+        updates,
+        ioctls: vm.ioctls() - ioctls_start,
+        guest_accesses: guest.accesses,
+        spurious_exits: guest.spurious_exits,
+        internal_errors: guest.internal_errors,
+        data_errors: guest.data_errors,
+        lost_dirty_pages: dirty.lost,
+        rollbacks,
+        blackout_us: Micros::of(blackout, true),
+        update_us: Micros::of(update_us, false),
+        layout_matches: Some(matches),
+        kick_to_parked_us: kick,
+        first_problem: vm.first_problem(),
+    })
+}
