@@ -193,7 +193,7 @@ fn run(readers: usize, batches: u64, seed: u64, writer: Writer) -> Run {
             .map(|r| {
                 let reader = memory.reader();
                 let script = &script;
-                scope.spawn(move || read_loop(reader, script, seed ^ (r as u64 + 1) * 7919))
+                scope.spawn(move || read_loop(reader, script, seed ^ ((r as u64 + 1) * 7919)))
             })
             .collect();
         let mut from = usize::from(first);
