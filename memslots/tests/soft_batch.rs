@@ -63,7 +63,10 @@ fn matches_model(m: &SoftMemory) {
 #[test]
 fn resize_invalidates_zaps_and_publishes_twice() {
     let mut m = two_slots();
-    let calls = [slot(0, 0, 16, A).delete_call(), slot(0, 0, 24, A).set_call()];
+    let calls = [
+        slot(0, 0, 16, A).delete_call(),
+        slot(0, 0, 24, A).set_call(),
+    ];
     let out = m.apply_batch(&calls).unwrap();
     assert_eq!((out.publishes, out.invalidated, out.zapped), (2, 1, 16));
     assert_eq!(m.generation(), 2);
@@ -100,11 +103,11 @@ fn refused_batch_touches_nothing() {
         slot(6, 70, 4, A).set_call(), // EEXIST: overlaps slot 1 at its new place
     ];
     let err = m.apply_batch(&calls).unwrap_err();
-    assert!(matches!(err, SoftError::Refused(ref e) if e.index == 3), "{err}");
-    assert_eq!(
-        (m.generation(), m.grace_periods(), m.spte().len()),
-        before
+    assert!(
+        matches!(err, SoftError::Refused(ref e) if e.index == 3),
+        "{err}"
     );
+    assert_eq!((m.generation(), m.grace_periods(), m.spte().len()), before);
     assert_eq!(m.counters().zapped, 0);
     matches_model(&m);
 }

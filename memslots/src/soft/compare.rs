@@ -48,6 +48,8 @@ pub struct CommitComparison {
     pub native_steps: Vec<NativeStep>,
     /// Whether the planned batch ends in the same layout as QEMU's calls.
     pub planned_matches: bool,
+    /// Whether the native steps end in the same layout as QEMU's calls (they always should).
+    pub native_matches: bool,
 }
 
 /// How to run a comparison.
@@ -143,9 +145,15 @@ pub fn native_steps(before: &Layout, after: &Layout) -> Vec<NativeStep> {
                 return true; // a move
             }
         }
-        after
-            .find(s.id.address_space, s.gpa)
-            .is_some_and(|a| a.gpa < s.gpa && same_mapping(a, s.gpa, s.host) && s.end() <= a.end())
+        // A piece that a merge into an existing slot can take in.
+        after.find(s.id.address_space, s.gpa).is_some_and(|a| {
+            a.gpa < s.gpa
+                && same_mapping(a, s.gpa, s.host)
+                && s.end() <= a.end()
+                && cur
+                    .slot(a.id)
+                    .is_some_and(|c| c.gpa == a.gpa && c.host == a.host)
+        })
     };
     let deletes: Batch = cur
         .slots()
@@ -168,8 +176,10 @@ pub fn native_steps(before: &Layout, after: &Layout) -> Vec<NativeStep> {
             try_primitive(&mut cur, &mut steps, Primitive::Move { id, gpa: a.gpa });
         }
         if let Some(c) = cur.slot(id).copied() {
-            for p in flag_steps(id, c.flags, a.flags) {
-                try_primitive(&mut cur, &mut steps, p);
+            if c.gpa == a.gpa && c.host == a.host && c.size == a.size {
+                for p in flag_steps(id, c.flags, a.flags) {
+                    try_primitive(&mut cur, &mut steps, p);
+                }
             }
         }
     }
@@ -217,7 +227,12 @@ pub fn native_steps(before: &Layout, after: &Layout) -> Vec<NativeStep> {
                 break;
             }
         }
-        if let Some(c) = cur.slot(a.id).copied() {
+        if let Some(c) = cur.slot(a.id).copied().filter(|c| {
+            c == &Slot {
+                flags: c.flags,
+                ..*a
+            }
+        }) {
             for p in flag_steps(a.id, c.flags, a.flags) {
                 try_primitive(&mut cur, &mut steps, p);
             }
@@ -335,7 +350,7 @@ pub fn compare_commit(
         m.apply_batch(planned.calls())?;
         Ok(1)
     })?;
-    let (native, _) = run_way(before, &touched, options, |m| {
+    let (native, native_layout) = run_way(before, &touched, options, |m| {
         for step in &steps {
             match step {
                 NativeStep::Primitive(p) => m.apply_primitive(p)?,
@@ -350,5 +365,6 @@ pub fn compare_commit(
         native,
         native_steps: steps,
         planned_matches: planned_layout == after,
+        native_matches: native_layout == after,
     })
 }
