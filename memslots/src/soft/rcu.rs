@@ -9,8 +9,8 @@
 //! (O(change), never a copy of the whole value) and free what it removed.
 //!
 //! Protocol (checked by `tests/soft_loom.rs`):
-//! - reader: `counter += 1` (odd: inside), SeqCst fence, load `active` (Acquire), read that copy,
-//!   `counter += 1` (Release: even, outside);
+//! - reader: `counter += 1` (Release; odd: inside), SeqCst fence, load `active` (Acquire), read
+//!   that copy, `counter += 1` (Release: even, outside);
 //! - writer: store `active` (Release), SeqCst fence, then for every reader whose counter is odd,
 //!   wait until it changes (Acquire). The fences make it impossible for a reader to enter after
 //!   the writer has looked at its counter and still load the old `active`.
@@ -172,8 +172,11 @@ impl<T> ReadHandle<T> {
     /// [`Publisher::publish`] that starts meanwhile waits for `f` to return.
     pub fn read<R>(&mut self, f: impl FnOnce(&T) -> R) -> R {
         // Only this handle writes its counter (`&mut self`), so a plain load/store pair is enough.
+        // The entering store is Release too: a writer that waited on our previous section may see
+        // this value, not the exit store, and must still be ordered after that section's reads
+        // (loom found this: a plain store does not continue the exit store's release sequence).
         let before = self.epoch.counter.load(Ordering::Relaxed);
-        self.epoch.counter.store(before + 1, Ordering::Relaxed);
+        self.epoch.counter.store(before + 1, Ordering::Release);
         fence(Ordering::SeqCst);
         let index = self.shared.active.load(Ordering::Acquire);
         let _exit = Exit {
