@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use memslots::model::{Batch, Layout, Limits, PAGE_SIZE};
 use memslots::soft::compare::CompareOptions;
-use memslots::soft::{compare_commit, native_steps, NativeStep, SoftMemory, WayReport};
+use memslots::soft::{
+    compare_commit, compare_trace, native_steps, NativeStep, SoftMemory, WayReport,
+};
 use memslots::trace::Trace;
 
 fn traces() -> Vec<PathBuf> {
@@ -21,11 +23,7 @@ fn traces() -> Vec<PathBuf> {
 }
 
 fn add(total: &mut WayReport, w: &WayReport) {
-    total.steps += w.steps;
-    total.zapped_pages += w.zapped_pages;
-    total.retries += w.retries;
-    total.publishes += w.publishes;
-    total.invalidated += w.invalidated;
+    total.add(w);
 }
 
 #[test]
@@ -66,6 +64,19 @@ fn every_trace_commit_three_ways() {
             add(&mut n, &cmp.native);
             layout.apply_batch(&calls).unwrap();
         }
+        let summed = compare_trace(
+            &trace,
+            Limits::default(),
+            |_, calls| Batch::from(calls.to_vec()),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(
+            (summed.qemu, summed.planned, summed.native),
+            (q, p, n),
+            "{path:?}"
+        );
+        assert!(summed.planned_matches && summed.native_matches);
         eprintln!(
             "{}: zapped qemu {} planned {} native {}; publishes {} {} {}",
             path.file_name().unwrap().to_string_lossy(),

@@ -368,3 +368,65 @@ pub fn compare_commit(
         native_matches: native_layout == after,
     })
 }
+
+impl WayReport {
+    /// Adds another report's counts to this one.
+    pub fn add(&mut self, other: &WayReport) {
+        self.steps += other.steps;
+        self.zapped_pages += other.zapped_pages;
+        self.retries += other.retries;
+        self.faults += other.faults;
+        self.publishes += other.publishes;
+        self.invalidated += other.invalidated;
+    }
+}
+
+/// A whole trace run three ways, commit by commit: the sums over its commits.
+#[derive(Clone, PartialEq, Eq, Default, Debug, Serialize)]
+pub struct TraceComparison {
+    /// Commits compared.
+    pub commits: u64,
+    /// QEMU's calls, each as a one-call batch.
+    pub qemu: WayReport,
+    /// The planned batches through the list algorithm.
+    pub planned: WayReport,
+    /// Native primitives where possible.
+    pub native: WayReport,
+    /// Whether every planned batch ended in QEMU's layout.
+    pub planned_matches: bool,
+    /// Whether every native lowering ended in QEMU's layout.
+    pub native_matches: bool,
+}
+
+/// Runs every commit of `trace` three ways with [`compare_commit`], starting from an empty layout
+/// under `limits`; `plan` turns (layout before, QEMU's accepted calls) into the planned batch.
+pub fn compare_trace(
+    trace: &crate::trace::Trace,
+    limits: crate::model::Limits,
+    mut plan: impl FnMut(&Layout, &[SlotCall]) -> Batch,
+    options: &CompareOptions,
+) -> Result<TraceComparison, SoftError> {
+    let mut layout = Layout::new(limits);
+    let mut out = TraceComparison {
+        planned_matches: true,
+        native_matches: true,
+        ..TraceComparison::default()
+    };
+    for range in trace.commits() {
+        let calls: Vec<SlotCall> = trace.calls[range]
+            .iter()
+            .filter(|c| c.accepted())
+            .map(|c| c.call)
+            .collect();
+        let planned = plan(&layout, &calls);
+        let cmp = compare_commit(&layout, &calls, &planned, options)?;
+        out.commits += 1;
+        out.qemu.add(&cmp.qemu);
+        out.planned.add(&cmp.planned);
+        out.native.add(&cmp.native);
+        out.planned_matches &= cmp.planned_matches;
+        out.native_matches &= cmp.native_matches;
+        layout.apply_batch(&calls).map_err(SoftError::Refused)?;
+    }
+    Ok(out)
+}

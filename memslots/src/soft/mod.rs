@@ -18,7 +18,8 @@ pub mod spte;
 mod sync;
 
 pub use compare::{
-    compare_commit, native_steps, CommitComparison, CompareOptions, NativeStep, WayReport,
+    compare_commit, compare_trace, native_steps, CommitComparison, CompareOptions, NativeStep,
+    TraceComparison, WayReport,
 };
 pub use memory::{Outcome, SoftError, SoftMemory};
 pub use reader::{Access, Reader, Translation};
