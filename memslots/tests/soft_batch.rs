@@ -171,3 +171,53 @@ fn random_walk_keeps_both_copies_equal_to_the_model() {
         matches_model(&m);
     }
 }
+
+#[test]
+fn host_range_zap_reaches_every_alias() {
+    let mut layout = Layout::new(Limits::default());
+    layout.apply(&slot(0, 0, 16, A).set_call()).unwrap();
+    // Slot 1 aliases the upper half of slot 0's host memory.
+    layout
+        .apply(&slot(1, 64, 8, A + 8 * PAGE_SIZE).set_call())
+        .unwrap();
+    let mut m = SoftMemory::with_layout(layout);
+    let mut r = m.reader();
+    for p in (0..16).chain(64..72) {
+        assert!(matches!(r.access(p * PAGE_SIZE, true), Access::Ram { .. }));
+    }
+    // Host pages 10 and 11: GPA pages 10-11 of slot 0 and 66-67 of slot 1.
+    let zapped = m.zap_host_range(A + 10 * PAGE_SIZE, A + 12 * PAGE_SIZE);
+    assert_eq!(zapped, 4);
+    for p in [10, 11, 66, 67] {
+        assert!(matches!(
+            r.access(p * PAGE_SIZE, false),
+            Access::Ram { faulted: true, .. }
+        ));
+    }
+    for p in [9, 12, 65, 68] {
+        assert!(matches!(
+            r.access(p * PAGE_SIZE, false),
+            Access::Ram { faulted: false, .. }
+        ));
+    }
+}
+
+#[test]
+fn last_used_slot_cache_answers_repeated_lookups() {
+    let mut m = two_slots();
+    let mut r = m.reader();
+    for p in 0..16 {
+        r.translate(p * PAGE_SIZE);
+    }
+    assert_eq!(r.cache_hits(), 15);
+    // A publish changes the generation: the cached slot is not trusted any more.
+    m.apply_batch(&[slot(2, 100, 1, B + 0x10_0000).set_call()])
+        .unwrap();
+    assert!(matches!(
+        r.translate(0),
+        Translation::Ram { generation: 1, .. }
+    ));
+    assert_eq!(r.cache_hits(), 15);
+    r.translate(PAGE_SIZE);
+    assert_eq!(r.cache_hits(), 16);
+}

@@ -123,6 +123,35 @@ impl SoftMemory {
         self.slots.grace_periods()
     }
 
+    /// Zaps the SPTEs of every guest page backed by host memory `[start, end)`, in every slot
+    /// that maps it (aliases included), as KVM's MMU notifier does when host memory is unmapped
+    /// or migrated; returns the number of entries zapped. Found through the host-range index.
+    pub fn zap_host_range(&mut self, start: u64, end: u64) -> u64 {
+        let mut ranges: Vec<(u16, u64, u64)> = Vec::new();
+        self.slots.with_active(|slots| {
+            for space in 0..self.layout.limits().address_spaces {
+                let Some(set) = slots.space(space) else {
+                    continue;
+                };
+                for s in set.overlapping_host(start, end) {
+                    let lo = start.max(s.slot.host);
+                    let hi = end.min(s.slot.host + s.slot.size);
+                    ranges.push((
+                        space,
+                        s.slot.gpa + (lo - s.slot.host),
+                        s.slot.gpa + (hi - s.slot.host),
+                    ));
+                }
+            }
+        });
+        let zapped = ranges
+            .into_iter()
+            .map(|(space, s, e)| self.spte.zap(space, s, e))
+            .sum();
+        self.total.zapped += zapped;
+        zapped
+    }
+
     /// Makes call `index` of every following batch fail after the invalid slots were published
     /// and zapped (the soft stand-in for an ioctl failing mid-batch), or stops doing so.
     pub fn fail_call(&mut self, index: Option<usize>) {

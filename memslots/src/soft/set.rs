@@ -90,6 +90,15 @@ impl SlotSet {
             .filter(move |s| host - s.slot.host < s.slot.size)
     }
 
+    /// The slots whose host range overlaps `[start, end)` (what an MMU notifier must zap when
+    /// that host memory goes away).
+    pub fn overlapping_host(&self, start: u64, end: u64) -> impl Iterator<Item = &SoftSlot> + '_ {
+        self.by_host
+            .range(..(end, 0))
+            .filter_map(move |&(_, id)| self.by_id(id))
+            .filter(move |s| s.slot.host + s.slot.size > start)
+    }
+
     /// Number of slots.
     pub fn len(&self) -> usize {
         self.by_gpa.len()
@@ -194,6 +203,18 @@ mod tests {
         ids.sort_unstable();
         assert_eq!(ids, vec![1, 2]);
         assert_eq!(set.spaces[0].by_host(0x10_2000).count(), 0);
+        assert_eq!(
+            set.spaces[0].overlapping_host(0x10_0000, 0x10_1000).count(),
+            1
+        );
+        assert_eq!(
+            set.spaces[0].overlapping_host(0x10_1fff, 0x20_0000).count(),
+            2
+        );
+        assert_eq!(
+            set.spaces[0].overlapping_host(0x10_2000, 0x20_0000).count(),
+            0
+        );
         set.apply(&SetOp::Insert(b).inverse());
         assert_eq!(set.find(0, 0x8000), None);
         assert_eq!(set.slot(SlotId::new(2)), None);
