@@ -2,11 +2,12 @@
 //! through the atomic list algorithm, and the same change lowered to native primitives where
 //! there are some; each reports zapped SPTEs and RETRYs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::Serialize;
 
 use super::memory::{SoftError, SoftMemory};
+use super::reader::Access;
 use crate::model::{Batch, Layout, Primitive, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
 
 /// One step of a change in native form: a primitive, or a batch for what no primitive expresses.
@@ -27,6 +28,9 @@ pub struct WayReport {
     pub zapped_pages: u64,
     /// Reader lookups that landed in an invalid slot.
     pub retries: u64,
+    /// Reader accesses that exited as MMIO on a GPA that is RAM before and after the change
+    /// (what a vCPU would see as a spurious MMIO exit; always 0 without readers).
+    pub spurious_mmio: u64,
     /// SPTE misses taken by readers during the change.
     pub faults: u64,
     /// Publishes (each with a grace period).
@@ -110,6 +114,8 @@ fn flag_steps(id: SlotId, from: SlotFlags, to: SlotFlags) -> Vec<Primitive> {
 ///
 /// Best effort: every primitive is checked by the model on the layout the steps before it leave,
 /// and whatever no primitive reached is done by a final batch, so the steps always end in `after`.
+/// No step leaves MMIO where `before` and `after` both have RAM: a delete, shrink or move is only
+/// done as a primitive when what it unmaps is unmapped in `after` too.
 pub fn native_steps(before: &Layout, after: &Layout) -> Vec<NativeStep> {
     let mut cur = before.clone();
     let mut steps = Vec::new();
@@ -155,9 +161,17 @@ pub fn native_steps(before: &Layout, after: &Layout) -> Vec<NativeStep> {
                     .is_some_and(|c| c.gpa == a.gpa && c.host == a.host)
         })
     };
+    // Only slots whose range is MMIO afterwards: deleting one under RAM-to-be would open a hole
+    // until the final batch; those go into that batch instead.
+    let unmapped_after = |s: &Slot| {
+        after
+            .overlapping(s.id.address_space, s.gpa, s.end())
+            .next()
+            .is_none()
+    };
     let deletes: Batch = cur
         .slots()
-        .filter(|s| !keep(s))
+        .filter(|s| !keep(s) && unmapped_after(s))
         .map(|s| s.delete_call())
         .collect();
     if !deletes.is_empty() && cur.apply_batch(deletes.calls()).is_ok() {
@@ -170,9 +184,26 @@ pub fn native_steps(before: &Layout, after: &Layout) -> Vec<NativeStep> {
         let (Some(c), Some(a)) = (cur.slot(id).copied(), after.slot(id).copied()) else {
             continue;
         };
+        // A range a shrink cuts off or a move leaves must be MMIO afterwards, or it would be a
+        // hole until the final batch.
+        let only_self = |start: u64, end: u64| {
+            after
+                .overlapping(id.address_space, start, end)
+                .all(|s| s.id == id)
+        };
         if c.gpa == a.gpa && c.host == a.host && a.size < c.size {
-            try_primitive(&mut cur, &mut steps, Primitive::Shrink { id, size: a.size });
-        } else if c.gpa != a.gpa && c.size == a.size && c.host == a.host {
+            if after
+                .overlapping(id.address_space, c.gpa + a.size, c.end())
+                .next()
+                .is_none()
+            {
+                try_primitive(&mut cur, &mut steps, Primitive::Shrink { id, size: a.size });
+            }
+        } else if c.gpa != a.gpa
+            && c.size == a.size
+            && c.host == a.host
+            && only_self(c.gpa, c.end())
+        {
             try_primitive(&mut cur, &mut steps, Primitive::Move { id, gpa: a.gpa });
         }
         if let Some(c) = cur.slot(id).copied() {
@@ -274,6 +305,7 @@ fn pages(layout: &Layout, limit: u64) -> Vec<(u16, u64)> {
 /// touching the pages of `before` and `after` meanwhile.
 fn run_way(
     before: &Layout,
+    after: &Layout,
     touched: &[(u16, u64)],
     options: &CompareOptions,
     apply: impl FnOnce(&mut SoftMemory) -> Result<u64, SoftError>,
@@ -287,20 +319,28 @@ fn run_way(
     let start = memory.counters();
     let start_total = memory.total();
     let stop = AtomicBool::new(false);
+    let spurious = AtomicU64::new(0);
     let result = std::thread::scope(|scope| {
         for r in 0..options.readers {
             let mut reader = memory.reader();
-            let stop = &stop;
+            let (stop, spurious) = (&stop, &spurious);
             scope.spawn(move || {
                 if touched.is_empty() {
                     return;
                 }
+                let mut seen = 0;
                 let mut i = r * touched.len() / options.readers.max(1);
                 while !stop.load(Ordering::Relaxed) {
                     let (space, gpa) = touched[i % touched.len()];
-                    reader.access_in(space, gpa, i % 2 == 0);
+                    if reader.access_in(space, gpa, false) == Access::Mmio
+                        && before.find(space, gpa).is_some()
+                        && after.find(space, gpa).is_some()
+                    {
+                        seen += 1;
+                    }
                     i += 1;
                 }
+                spurious.fetch_add(seen, Ordering::Relaxed);
             });
         }
         let result = apply(&mut memory);
@@ -315,6 +355,7 @@ fn run_way(
             steps,
             zapped_pages: end.zapped - start.zapped,
             retries: end.retries - start.retries,
+            spurious_mmio: spurious.load(Ordering::Relaxed),
             faults: end.faults - start.faults,
             publishes: total.publishes - start_total.publishes,
             invalidated: total.invalidated - start_total.invalidated,
@@ -340,17 +381,17 @@ pub fn compare_commit(
     let mut touched = pages(before, options.prefault_pages);
     touched.extend(pages(&after, options.prefault_pages));
 
-    let (qemu, _) = run_way(before, &touched, options, |m| {
+    let (qemu, _) = run_way(before, &after, &touched, options, |m| {
         for call in qemu_calls {
             m.apply_batch(std::slice::from_ref(call))?;
         }
         Ok(qemu_calls.len() as u64)
     })?;
-    let (planned_report, planned_layout) = run_way(before, &touched, options, |m| {
+    let (planned_report, planned_layout) = run_way(before, &after, &touched, options, |m| {
         m.apply_batch(planned.calls())?;
         Ok(1)
     })?;
-    let (native, native_layout) = run_way(before, &touched, options, |m| {
+    let (native, native_layout) = run_way(before, &after, &touched, options, |m| {
         for step in &steps {
             match step {
                 NativeStep::Primitive(p) => m.apply_primitive(p)?,
@@ -375,6 +416,7 @@ impl WayReport {
         self.steps += other.steps;
         self.zapped_pages += other.zapped_pages;
         self.retries += other.retries;
+        self.spurious_mmio += other.spurious_mmio;
         self.faults += other.faults;
         self.publishes += other.publishes;
         self.invalidated += other.invalidated;
