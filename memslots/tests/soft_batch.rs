@@ -221,3 +221,10 @@ fn last_used_slot_cache_answers_repeated_lookups() {
     r.translate(PAGE_SIZE);
     assert_eq!(r.cache_hits(), 16);
 }
+
+#[test]
+fn writer_and_readers_move_between_threads() {
+    fn send<T: Send>() {}
+    send::<SoftMemory>();
+    send::<memslots::soft::Reader>();
+}
