@@ -2,9 +2,11 @@
 //!
 //! - [`model`]: slots, layouts and KVM's exact rules; ordered all-or-nothing batches; primitives;
 //!   hole analysis.
-//! - [`trace`]: QEMU `kvm_set_user_memory` traces.
-//! - [`kvm`]: the real `/dev/kvm` backend.
 //! - [`planner`]: guest memory maps planned into safe slot batches; QEMU traces compared.
+//! - [`kvm`]: the real `/dev/kvm` backend: vCPU gate, test guest, atomic apply.
+//! - [`soft`]: the userspace backend: the atomic list algorithm and native primitives, measured.
+//! - [`trace`]: QEMU `kvm_set_user_memory` traces.
+//! - [`workload`], [`stress`]: the layout changes `memslots stress` and `replay` run.
 //! - [`conformance`]: the model held against the running kernel.
 #![deny(missing_docs)]
 
@@ -12,6 +14,7 @@ pub mod conformance;
 pub mod kvm;
 pub mod model;
 pub mod planner;
+pub mod soft;
 pub mod stress;
 pub mod trace;
 pub mod workload;

@@ -518,7 +518,7 @@ pub fn replay(
     };
     let ours: Vec<SlotCall> = first.iter().map(|c| hosts.call(arena, c)).collect();
     vm.apply(&ours, Strategy::Atomic)
-        .map_err(|e| StressError::Apply(e))?;
+        .map_err(StressError::Apply)?;
     shadow
         .apply_batch(&first)
         .expect("the model accepted these calls for the VM");
