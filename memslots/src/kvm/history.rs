@@ -81,3 +81,13 @@ impl LayoutHistory {
         )
     }
 }
+
+impl super::updater::UpdateObserver for LayoutHistory {
+    fn begin(&self, target: &Layout) {
+        LayoutHistory::begin(self, target.clone());
+    }
+
+    fn end(&self, result: &Layout) {
+        LayoutHistory::end(self, result);
+    }
+}

@@ -4,8 +4,9 @@
 //! - [`SlotTable`]: the one place slot calls are made, keeping the model's layout equal to the
 //!   kernel's; fault injection.
 //! - [`VcpuGate`]: parks and resumes vCPUs (real-time signal + `immediate_exit`).
-//! - [`TestVm`]: a VM running the embedded test guest on vCPU threads, and [`TestVm::apply`], the
-//!   atomic apply of a batch with the `atomic`, `qemu` and `naive` strategies.
+//! - [`SlotUpdater`]: the atomic apply of a batch (or a model primitive) to a running VM with the
+//!   `atomic`, `qemu` and `naive` strategies; what a VMM embeds.
+//! - [`TestVm`]: a VM running the embedded test guest on vCPU threads, over a `SlotUpdater`.
 
 mod dirty;
 mod gate;
@@ -14,6 +15,7 @@ mod history;
 mod memory;
 mod slots;
 mod testvm;
+mod updater;
 mod vcpu;
 mod vm;
 
@@ -21,6 +23,9 @@ pub use dirty::DirtyLog;
 pub use gate::{QuiesceTimes, Quiesced, VcpuGate};
 pub use memory::{Backing, HostMemory};
 pub use slots::{FaultInjector, SlotCallError, SlotTable};
-pub use testvm::{qemu_batch, ApplyError, ApplyStats, Strategy, TestVm, TestVmConfig, TestVmError};
+pub use testvm::{TestVm, TestVmConfig, TestVmError};
+pub use updater::{
+    qemu_batch, ApplyError, ApplyPrimitiveError, ApplyStats, SlotUpdater, Strategy, UpdateObserver,
+};
 pub use vcpu::{GuestCounters, GuestStats};
 pub use vm::{KvmError, Vm};

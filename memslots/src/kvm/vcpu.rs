@@ -68,7 +68,7 @@ pub struct VcpuShared {
     /// Set to make the threads exit.
     pub stop: AtomicBool,
     /// Layouts, for judging exits.
-    pub history: LayoutHistory,
+    pub history: Arc<LayoutHistory>,
     /// Counters.
     pub counters: GuestCounters,
     /// The first spurious exit or error, described (for reports).
