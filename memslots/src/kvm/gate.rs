@@ -1,6 +1,6 @@
 //! The vCPU gate: hold every vCPU outside `KVM_RUN` for as short a time as possible.
 //!
-//! A vCPU thread runs `KVM_RUN` through [`VcpuGate::run_permit`]; [`VcpuGate::quiesce`] asks every
+//! A vCPU thread runs `KVM_RUN` through a [`GateVcpu`]; [`VcpuGate::quiesce`] asks every
 //! vCPU to park, kicks the ones inside `KVM_RUN` with a real-time signal whose handler sets the
 //! thread's `kvm_run.immediate_exit`, and waits (on a condvar, no polling) until all are parked.
 //! The returned [`Quiesced`] guard resumes them when dropped.
@@ -59,7 +59,7 @@ fn install_handler() {
 ///
 /// `run` must point to the `kvm_run` mapping of a vCPU that this thread runs, and must stay
 /// valid until this thread calls `bind_kvm_run(None)` (or exits).
-pub unsafe fn bind_kvm_run(run: Option<*mut kvm_run>) {
+unsafe fn bind_kvm_run(run: Option<*mut kvm_run>) {
     KVM_RUN.with(|c| c.set(run.unwrap_or(ptr::null_mut())));
 }
 
@@ -100,14 +100,14 @@ impl VcpuGate {
     }
 
     /// Registers the calling thread as a vCPU thread (to be kicked).
-    pub fn register(&self) {
+    fn register(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         self.lock().threads.push(me);
     }
 
     /// Unregisters the calling thread; a quiesce in progress stops waiting for it.
-    pub fn unregister(&self) {
+    fn unregister(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         let mut s = self.lock();
@@ -119,13 +119,13 @@ impl VcpuGate {
 
     /// Whether a quiesce asks vCPUs to park. Checked by a vCPU thread after clearing its
     /// `immediate_exit` and before `KVM_RUN`.
-    pub fn park_requested(&self) -> bool {
+    fn park_requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
     }
 
     /// Parks the calling vCPU thread until the quiesce ends. The caller must have completed any
     /// pending MMIO/PIO exit first (one `KVM_RUN` with `immediate_exit = 1`).
-    pub fn park(&self) {
+    fn park(&self) {
         let mut s = self.lock();
         s.parked += 1;
         self.parked_changed.notify_all();
@@ -172,6 +172,64 @@ impl VcpuGate {
     /// Number of registered vCPU threads.
     pub fn vcpus(&self) -> usize {
         self.lock().threads.len()
+    }
+}
+
+/// A vCPU run through a gate, on the thread that created this: it owns the `VcpuFd`, so the
+/// `kvm_run` mapping the kick handler writes lives exactly as long as the binding. Not `Send`.
+#[derive(Debug)]
+pub struct GateVcpu {
+    gate: std::sync::Arc<VcpuGate>,
+    vcpu: kvm_ioctls::VcpuFd,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl GateVcpu {
+    /// Joins the calling thread to `gate` as the thread running `vcpu`.
+    pub fn join(gate: std::sync::Arc<VcpuGate>, mut vcpu: kvm_ioctls::VcpuFd) -> Self {
+        let run: *mut kvm_run = vcpu.get_kvm_run();
+        // SAFETY: the mapping belongs to `vcpu`, which `Self` owns; `Drop` unbinds it before the
+        // fd (and its mapping) go, and `Self` cannot leave this thread (not `Send`).
+        unsafe { bind_kvm_run(Some(run)) };
+        gate.register();
+        GateVcpu {
+            gate,
+            vcpu,
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    /// The vCPU, for register access between runs.
+    pub fn vcpu(&mut self) -> &mut kvm_ioctls::VcpuFd {
+        &mut self.vcpu
+    }
+
+    /// Runs the vCPU once through the gate. `Ok(None)`: it was kicked or parked (call again);
+    /// `Ok(Some(exit))`: an exit for the VMM to handle before the next call.
+    pub fn run(&mut self) -> Result<Option<kvm_ioctls::VcpuExit<'_>>, kvm_ioctls::Error> {
+        // Clear first, then check the gate: a kick after the check still stops `KVM_RUN`.
+        self.vcpu.set_kvm_immediate_exit(0);
+        if self.gate.park_requested() {
+            // Complete a pending MMIO/PIO exit without running guest code, then park.
+            self.vcpu.set_kvm_immediate_exit(1);
+            let _ = self.vcpu.run();
+            self.vcpu.set_kvm_immediate_exit(0);
+            self.gate.park();
+            return Ok(None);
+        }
+        match self.vcpu.run() {
+            Ok(exit) => Ok(Some(exit)),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for GateVcpu {
+    fn drop(&mut self) {
+        // SAFETY: unbinding; the mapping is still alive here.
+        unsafe { bind_kvm_run(None) };
+        self.gate.unregister();
     }
 }
 

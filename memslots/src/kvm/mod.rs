@@ -20,7 +20,7 @@ mod vcpu;
 mod vm;
 
 pub use dirty::DirtyLog;
-pub use gate::{QuiesceTimes, Quiesced, VcpuGate};
+pub use gate::{GateVcpu, QuiesceTimes, Quiesced, VcpuGate};
 pub use memory::{Backing, HostMemory};
 pub use slots::{FaultInjector, SlotCallError, SlotTable};
 pub use testvm::{TestVm, TestVmConfig, TestVmError};

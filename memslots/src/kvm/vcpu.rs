@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::gate::{bind_kvm_run, VcpuGate};
+use super::gate::{GateVcpu, VcpuGate};
 use super::guest::{self, ctl, port};
 use super::history::LayoutHistory;
 use super::memory::Backing;
@@ -132,44 +132,20 @@ pub fn reset(vcpu: &VcpuFd, index: usize, base: u64) -> Result<(), kvm_ioctls::E
 
 /// Runs vCPU `index` until `shared.stop`. `private` is the backing of the private slot, whose
 /// base GPA is `base`.
-pub fn run(
-    mut vcpu: VcpuFd,
-    index: usize,
-    base: u64,
-    shared: Arc<VcpuShared>,
-    private: Arc<Backing>,
-) {
-    let gate = shared.gate.clone();
-    gate.register();
-    let run_ptr: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
-    // SAFETY: the kvm_run mapping belongs to `vcpu`, which this thread owns and drops only after
-    // unbinding below.
-    unsafe { bind_kvm_run(Some(run_ptr)) };
+pub fn run(vcpu: VcpuFd, index: usize, base: u64, shared: Arc<VcpuShared>, private: Arc<Backing>) {
+    let mut vcpu = GateVcpu::join(shared.gate.clone(), vcpu);
     let ctl_host = |off: u64| private.host() + guest::ctl_offset(index) + off;
     let c = &shared.counters;
-    loop {
-        // Clear first, then check the gate: a kick after the check still stops `KVM_RUN`.
-        vcpu.set_kvm_immediate_exit(0);
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        if gate.park_requested() {
-            // Complete any pending MMIO/PIO without running guest code, then park.
-            vcpu.set_kvm_immediate_exit(1);
-            let _ = vcpu.run();
-            vcpu.set_kvm_immediate_exit(0);
-            gate.park();
-            continue;
-        }
+    while !shared.stop.load(Ordering::SeqCst) {
         let entered = shared.history.gen();
         let mut needs_reset = false;
         let exit = match vcpu.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Ok(Some(exit)) => exit,
+            Ok(None) => continue,
             Err(e) => {
                 c.internal_errors.fetch_add(1, Ordering::Relaxed);
                 shared.problem(format!("vCPU {index}: KVM_RUN failed: {e}"));
-                let _ = reset(&vcpu, index, base);
+                let _ = reset(vcpu.vcpu(), index, base);
                 continue;
             }
         };
@@ -229,13 +205,10 @@ pub fn run(
             }
         }
         if needs_reset {
-            if let Err(e) = reset(&vcpu, index, base) {
+            if let Err(e) = reset(vcpu.vcpu(), index, base) {
                 shared.problem(format!("vCPU {index}: cannot reset after an error: {e}"));
                 break;
             }
         }
     }
-    // SAFETY: unbinding; the mapping is still alive here.
-    unsafe { bind_kvm_run(None) };
-    gate.unregister();
 }
