@@ -431,6 +431,14 @@ fn host_at(map: &crate::planner::MemoryMap, gpa: u64) -> Option<u64> {
         .map(|r| r.host_of(gpa))
 }
 
+/// Waits (at most a second) until the guest has completed `rounds` rounds in all.
+fn wait_for_rounds(vm: &TestVm, rounds: u64) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while vm.guest_stats().rounds < rounds && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 /// Replays a QEMU trace's commits on a running test guest.
 pub fn replay(
     trace: &crate::trace::Trace,
@@ -523,6 +531,7 @@ pub fn replay(
         .apply_batch(&first)
         .expect("the model accepted these calls for the VM");
     vm.start(&probes, None).map_err(StressError::from)?;
+    wait_for_rounds(&vm, config.vcpus as u64);
     if let Some(p) = config.inject_faults {
         vm.inject_faults(Some(FaultInjector::Random {
             p,
@@ -597,7 +606,8 @@ pub fn replay(
             dirty.after_update(vm.layout());
             dirty.harvest(&mut vm);
             progress(updates, Some(total));
-            std::thread::sleep(Duration::from_micros(200));
+            // Let every vCPU make a full pass over its probes on this commit's layout.
+            wait_for_rounds(&vm, vm.guest_stats().rounds + config.vcpus as u64);
         }
     }
     let guest = vm.guest_stats();
