@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::conformance::SplitMix64;
 use crate::kvm::{ApplyError, FaultInjector, Strategy, TestVm, TestVmConfig};
 use crate::model::{Layout, SlotCall, PAGE_SIZE};
+use crate::planner::MemoryMap;
 use crate::workload::{Arena, Workload, WorkloadKind};
 
 /// Where workloads live in guest-physical space (above the test guest's private slot).
@@ -129,6 +130,9 @@ pub enum StressError {
     /// A batch failed in a way that could not be undone.
     #[error("applying a batch")]
     Apply(#[source] ApplyError),
+    /// The planner refused a change: a bug in the planner.
+    #[error("planning a workload update")]
+    Plan(#[source] crate::planner::PlanError),
     /// Neither a count nor a duration.
     #[error("a stress run needs --updates or --duration")]
     Unbounded,
@@ -251,6 +255,7 @@ pub fn run(
         .collect();
     vm.apply(&initial, Strategy::Atomic)
         .map_err(StressError::Apply)?;
+    let mut sections = vm.layout().clone();
     let exec_ranges = workload.exec_ranges();
     let probes = pick_probes(
         &workload.probe_pages(),
@@ -283,11 +288,28 @@ pub fn run(
         {
             break;
         }
-        let mut scratch = vm.layout().clone();
-        let update = workload.next(&mut scratch).map_err(StressError::Workload)?;
-        let stats = match vm.apply(update.batch.calls(), config.strategy) {
+        // The workload changes QEMU-style sections (`sections`); `atomic` plans the VM's own
+        // slots toward the same mapping, the others make the workload's calls as they are.
+        let update = workload
+            .next(&mut sections)
+            .map_err(StressError::Workload)?;
+        let mut after = sections.clone();
+        after
+            .apply_batch(update.batch.calls())
+            .map_err(|e| StressError::Workload(crate::model::PrimitiveError::Refused(e)))?;
+        let calls: Vec<SlotCall> = match config.strategy {
+            Strategy::Atomic => crate::planner::plan(vm.layout(), &MemoryMap::from_layout(&after))
+                .map_err(StressError::Plan)?
+                .calls
+                .iter()
+                .map(|p| p.call)
+                .collect(),
+            _ => update.batch.calls().to_vec(),
+        };
+        let stats = match vm.apply(&calls, config.strategy) {
             Ok(stats) => {
                 updates += 1;
+                sections = after;
                 stats
             }
             Err(ApplyError::RolledBack { stats, .. }) => {
