@@ -1,11 +1,43 @@
 //! Host memory owned by the library: the only memory a slot may be created over.
 
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
 use vm_memory::mmap::MmapRegionError;
-use vm_memory::MmapRegion;
+use vm_memory::{FileOffset, MmapRegion};
 
 use crate::model::PAGE_SIZE;
 
-/// One anonymous host mapping behind guest memory.
+/// Why host memory could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// `mmap` failed.
+    #[error("cannot map {size} bytes of host memory")]
+    Map {
+        /// Bytes asked for.
+        size: u64,
+        /// The cause.
+        #[source]
+        source: MmapRegionError,
+    },
+    /// `memfd_create` or sizing the file failed (for hugetlbfs: no huge pages reserved?).
+    #[error("cannot create a {size}-byte memfd{}", if *.hugetlb { " on hugetlbfs" } else { "" })]
+    Memfd {
+        /// Bytes asked for.
+        size: u64,
+        /// Whether huge pages were asked for.
+        hugetlb: bool,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// 2 MiB, the huge page size `Backing::memfd` uses with hugetlbfs.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// One host mapping behind guest memory: anonymous, or a shared memfd (optionally on hugetlbfs).
 #[derive(Debug)]
 pub struct Backing {
     name: String,
@@ -14,11 +46,43 @@ pub struct Backing {
 
 impl Backing {
     /// Maps `size` bytes (rounded up to pages) of anonymous memory.
-    pub fn anonymous(name: &str, size: u64) -> Result<Self, MmapRegionError> {
+    pub fn anonymous(name: &str, size: u64) -> Result<Self, MemoryError> {
         let size = size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         Ok(Backing {
             name: name.to_owned(),
-            region: MmapRegion::new(size as usize)?,
+            region: MmapRegion::new(size as usize)
+                .map_err(|source| MemoryError::Map { size, source })?,
+        })
+    }
+
+    /// Maps `size` bytes of a new memfd, shared (so another process, or a vhost-user backend,
+    /// can map the same memory); with `hugetlb`, on 2 MiB huge pages (`size` rounded up to them).
+    pub fn memfd(name: &str, size: u64, hugetlb: bool) -> Result<Self, MemoryError> {
+        let unit = if hugetlb { HUGE_PAGE } else { PAGE_SIZE };
+        let size = size.div_ceil(unit) * unit;
+        let err = |source| MemoryError::Memfd {
+            size,
+            hugetlb,
+            source,
+        };
+        let cname = CString::new(name.replace('\0', " ")).expect("no NUL left");
+        let mut flags = libc::MFD_CLOEXEC;
+        if hugetlb {
+            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+        }
+        // SAFETY: `cname` is a valid C string; the call has no other preconditions.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(err)?;
+        let region = MmapRegion::from_file(FileOffset::new(file, 0), size as usize)
+            .map_err(|source| MemoryError::Map { size, source })?;
+        Ok(Backing {
+            name: name.to_owned(),
+            region,
         })
     }
 

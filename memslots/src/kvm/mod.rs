@@ -21,7 +21,7 @@ mod vm;
 
 pub use dirty::DirtyLog;
 pub use gate::{GateVcpu, QuiesceTimes, Quiesced, VcpuGate};
-pub use memory::{Backing, HostMemory};
+pub use memory::{Backing, HostMemory, MemoryError, HUGE_PAGE};
 pub use slots::{FaultInjector, SlotCallError, SlotTable};
 pub use testvm::{TestVm, TestVmConfig, TestVmError};
 pub use updater::{

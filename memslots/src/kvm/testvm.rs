@@ -25,8 +25,8 @@ pub enum TestVmError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
     /// Host memory.
-    #[error("cannot map host memory")]
-    Memory(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("host memory for the test VM")]
+    Memory(#[source] super::memory::MemoryError),
     /// A vCPU could not be created or set up.
     #[error("vCPU {index}")]
     Vcpu {

@@ -120,6 +120,17 @@ pub struct SlotUpdater {
     gate: Arc<VcpuGate>,
     device: GuestMemoryAtomic<GuestMemoryMmap>,
     observer: Option<Arc<dyn UpdateObserver>>,
+    views_out: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for SlotUpdater {
+    fn drop(&mut self) {
+        // A device thread may still hold a snapshot of the view, which points into the backings
+        // without owning them: once views were handed out, keep the memory mapped for good.
+        if self.views_out.load(std::sync::atomic::Ordering::Relaxed) {
+            std::mem::forget(std::mem::take(&mut self.memory));
+        }
+    }
 }
 
 impl SlotUpdater {
@@ -134,6 +145,7 @@ impl SlotUpdater {
             gate,
             device: GuestMemoryAtomic::new(GuestMemoryMmap::default()),
             observer: None,
+            views_out: Default::default(),
         }
     }
 
@@ -165,6 +177,8 @@ impl SlotUpdater {
     /// The device-side view of guest memory (address space 0), published with every batch inside
     /// the same window as the slot calls.
     pub fn device_memory(&self) -> &GuestMemoryAtomic<GuestMemoryMmap> {
+        self.views_out
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         &self.device
     }
 
@@ -217,8 +231,9 @@ impl SlotUpdater {
                 .memory
                 .owner(slot.host, slot.size)
                 .expect("slots only map owned memory");
-            // SAFETY: the range lies inside `backing`, which lives as long as this VM and so as
-            // long as any view built here (views are dropped with `self.device`).
+            // SAFETY: the range lies inside `backing`, which is never unmapped while a view built
+            // here may be alive: backings live as long as the updater, and once views have been
+            // handed out the updater's `Drop` leaks them instead of unmapping them.
             let region = unsafe {
                 MmapRegion::build_raw(
                     backing.ptr(slot.host),
@@ -227,18 +242,22 @@ impl SlotUpdater {
                     libc::MAP_SHARED,
                 )
             };
-            if let Some(region) = region
+            let region = region
                 .ok()
                 .and_then(|r| GuestRegionMmap::new(r, GuestAddress(slot.gpa)))
-            {
-                regions.push(region);
-            }
+                .expect("a page-aligned range of owned memory maps");
+            regions.push(region);
         }
-        if let Ok(map) = GuestMemoryMmap::from_regions(regions) {
-            if let Ok(guard) = self.device.lock() {
-                guard.replace(map);
-            }
-        }
+        // vm-memory refuses an empty collection: no slot is the empty view.
+        let map = if regions.is_empty() {
+            GuestMemoryMmap::default()
+        } else {
+            GuestMemoryMmap::from_regions(regions).expect("slots of one space never overlap")
+        };
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(map);
     }
 
     /// Applies `calls` as one update with `strategy`. On failure everything is undone.
