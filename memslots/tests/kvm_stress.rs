@@ -38,7 +38,21 @@ fn stress(workload: WorkloadKind, strategy: Strategy, updates: u64) -> StressRep
         |_, _| {},
     )
     .expect("stress run");
-    eprintln!("{workload} {}: {report:?}", strategy.name());
+    eprintln!(
+        "{workload} {}: updates {} ioctls {} accesses {} spurious {} internal {} data {} \
+         lost-dirty {} blackout p50 {:.0} us p99 {:.0} us total {:.0} us",
+        strategy.name(),
+        report.updates,
+        report.ioctls,
+        report.guest_accesses,
+        report.spurious_exits,
+        report.internal_errors,
+        report.data_errors,
+        report.lost_dirty_pages,
+        report.blackout_us.p50,
+        report.blackout_us.p99,
+        report.blackout_us.total.unwrap_or(0.0)
+    );
     assert_eq!(report.updates, updates);
     assert!(report.guest_accesses > 0, "the guest ran");
     report
