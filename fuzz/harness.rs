@@ -163,3 +163,70 @@ pub fn batch(data: &[u8]) {
         }
     }
 }
+
+/// The map JSON reader: never panics; a map it accepts round-trips through `to_json`.
+pub fn map_json(data: &[u8]) {
+    use memslots::planner::MemoryMap;
+    let text = String::from_utf8_lossy(data);
+    if let Ok(map) = MemoryMap::from_json(&text, "fuzz.json") {
+        let again = MemoryMap::from_json(&map.to_json(), "again.json").expect("own output reads");
+        assert_eq!(again, map);
+    }
+}
+
+/// A small map decoded from bytes: up to 6 regions in 64 pages, over two host runs.
+fn decode_map(bytes: &[u8]) -> Option<memslots::planner::MemoryMap> {
+    use memslots::planner::{MemoryMap, Region};
+    let mut regions = Vec::new();
+    let mut at = 0u64;
+    for c in bytes.chunks_exact(4).take(6) {
+        let gpa = at + u64::from(c[0] % 4) * P;
+        let size = (1 + u64::from(c[1] % 12)) * P;
+        let run = u64::from(c[2] % 2) * 0x1000_0000;
+        let flags = SlotFlags(u32::from(c[3] % 4));
+        regions.push(Region {
+            address_space: u16::from(c[3] & 0x80 != 0),
+            gpa,
+            size,
+            host: HOST + run + gpa + u64::from(c[2] >> 4) * P,
+            flags,
+        });
+        at = gpa + size;
+    }
+    MemoryMap::new(regions).ok()
+}
+
+/// The planner: any map to any map gives a plan the model accepts, that ends in exactly the
+/// target mapping, whose quiesced calls are exactly the model's hole window, and that never
+/// reuses an id it deletes.
+pub fn planner(data: &[u8]) {
+    use memslots::planner::{plan, MemoryMap};
+    let half = data.len() / 2;
+    let (Some(a), Some(b)) = (decode_map(&data[..half]), decode_map(&data[half..])) else {
+        return;
+    };
+    let mut layout = Layout::new(Limits::default());
+    let first = plan(&layout, &a).expect("a map fits");
+    let calls: Vec<SlotCall> = first.calls.iter().map(|c| c.call).collect();
+    layout.apply_batch(&calls).expect("the model accepts the first plan");
+    assert_eq!(MemoryMap::from_layout(&layout), a);
+    let second = plan(&layout, &b).expect("a map fits");
+    let calls: Vec<SlotCall> = second.calls.iter().map(|c| c.call).collect();
+    let holes = layout.holes(&calls).expect("the model accepts the plan");
+    let window = holes.quiesce_window();
+    for (i, c) in second.calls.iter().enumerate() {
+        assert_eq!(c.quiesced, window.contains(&i), "call {i}: {c:?}");
+    }
+    let deleted: Vec<u32> = calls.iter().filter(|c| c.is_delete()).map(|c| c.slot).collect();
+    let created: Vec<u32> = calls
+        .iter()
+        .filter(|c| !c.is_delete() && layout.slot(c.id()).is_none())
+        .map(|c| c.slot)
+        .collect();
+    assert!(
+        created.iter().all(|c| !deleted.contains(c)),
+        "an id the batch deletes is reused"
+    );
+    layout.apply_batch(&calls).expect("valid");
+    assert_eq!(MemoryMap::from_layout(&layout), b);
+}

@@ -35,3 +35,15 @@ fn batch_inputs() {
     let n = replay("batch", harness::batch);
     assert!(n > 0, "no saved batch inputs");
 }
+
+#[test]
+fn map_json_inputs() {
+    let n = replay("map_json", harness::map_json);
+    assert!(n > 0, "no saved map inputs");
+}
+
+#[test]
+fn planner_inputs() {
+    let n = replay("planner", harness::planner);
+    assert!(n > 0, "no saved planner inputs");
+}
