@@ -208,7 +208,9 @@ pub fn planner(data: &[u8]) {
     let mut layout = Layout::new(Limits::default());
     let first = plan(&layout, &a).expect("a map fits");
     let calls: Vec<SlotCall> = first.calls.iter().map(|c| c.call).collect();
-    layout.apply_batch(&calls).expect("the model accepts the first plan");
+    layout
+        .apply_batch(&calls)
+        .expect("the model accepts the first plan");
     assert_eq!(MemoryMap::from_layout(&layout), a);
     let second = plan(&layout, &b).expect("a map fits");
     let calls: Vec<SlotCall> = second.calls.iter().map(|c| c.call).collect();
@@ -217,7 +219,11 @@ pub fn planner(data: &[u8]) {
     for (i, c) in second.calls.iter().enumerate() {
         assert_eq!(c.quiesced, window.contains(&i), "call {i}: {c:?}");
     }
-    let deleted: Vec<u32> = calls.iter().filter(|c| c.is_delete()).map(|c| c.slot).collect();
+    let deleted: Vec<u32> = calls
+        .iter()
+        .filter(|c| c.is_delete())
+        .map(|c| c.slot)
+        .collect();
     let created: Vec<u32> = calls
         .iter()
         .filter(|c| !c.is_delete() && layout.slot(c.id()).is_none())

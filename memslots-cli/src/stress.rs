@@ -188,7 +188,7 @@ pub fn print_summary(r: &StressReport) {
         "{} backend, {} strategy, workload {}, {} vCPUs",
         r.backend, r.strategy, r.workload, r.vcpus
     );
-    let rows: [(&str, String); 12] = [
+    let rows: [(&str, String); 13] = [
         ("updates (batches applied)", r.updates.to_string()),
         ("slot ioctls", r.ioctls.to_string()),
         ("guest accesses", r.guest_accesses.to_string()),
@@ -214,6 +214,10 @@ pub fn print_summary(r: &StressReport) {
                 "p50 {:.1}  p99 {:.1}  max {:.1}",
                 r.update_us.p50, r.update_us.p99, r.update_us.max
             ),
+        ),
+        (
+            "peak RSS start / end (KiB)",
+            format!("{} / {}", r.rss_kib_start, r.rss_kib_end),
         ),
         (
             "verdict",

@@ -100,6 +100,10 @@ pub struct StressReport {
     pub update_us: Micros,
     /// Replay only: whether every commit ended in the trace's mapping.
     pub layout_matches: Option<bool>,
+    /// Peak resident memory of the process (KiB) once the guest runs.
+    pub rss_kib_start: u64,
+    /// Peak resident memory of the process (KiB) at the end: flat on a soak.
+    pub rss_kib_end: u64,
     /// Kick-to-all-parked per quiesced batch (not in the JSON contract; for bench).
     #[serde(skip)]
     pub kick_to_parked_us: Vec<f64>,
@@ -212,6 +216,19 @@ impl DirtyCheck {
     }
 }
 
+/// Peak resident set size of this process in KiB (`VmHWM`), 0 where /proc cannot tell.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Probes for the guest: at most `limit`, spread over `pages`, keeping every `must` page.
 fn pick_probes(pages: &[(u64, u64)], limit: usize, must: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let stride = pages
@@ -277,6 +294,7 @@ pub fn run(
     dirty.harvest(&mut vm);
 
     let started = Instant::now();
+    let rss_kib_start = peak_rss_kib();
     let ioctls_start = vm.ioctls();
     let (mut updates, mut rollbacks) = (0u64, 0u64);
     let mut blackout = Vec::new();
@@ -350,6 +368,8 @@ pub fn run(
         blackout_us: Micros::of(blackout, true),
         update_us: Micros::of(update_us, false),
         layout_matches: None,
+        rss_kib_start,
+        rss_kib_end: peak_rss_kib(),
         kick_to_parked_us: kick,
         first_problem: vm.first_problem(),
     };
@@ -564,6 +584,7 @@ pub fn replay(
     dirty.harvest(&mut vm);
 
     let ioctls_start = vm.ioctls();
+    let rss_kib_start = peak_rss_kib();
     let steps: Vec<usize> = (1..commits.len()).chain([0]).collect();
     let total = steps.len() as u64 * config.loops;
     let (mut updates, mut rollbacks) = (0u64, 0u64);
@@ -649,6 +670,8 @@ pub fn replay(
         blackout_us: Micros::of(blackout, true),
         update_us: Micros::of(update_us, false),
         layout_matches: Some(matches),
+        rss_kib_start,
+        rss_kib_end: peak_rss_kib(),
         kick_to_parked_us: kick,
         first_problem: vm.first_problem(),
     })

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::model::Layout;
 
-const KEPT: usize = 4096;
+const KEPT: usize = 1024;
 
 /// Stable layouts, numbered; `gen` is `2 * state` when stable and odd while an update runs.
 #[derive(Debug)]
