@@ -122,6 +122,80 @@ impl StressReport {
     }
 }
 
+/// What a run adds up while it applies batches.
+struct Tally {
+    updates: u64,
+    rollbacks: u64,
+    blackout: Vec<f64>,
+    update_us: Vec<f64>,
+    kick: Vec<f64>,
+    ioctls_start: u64,
+    rss_kib_start: u64,
+}
+
+impl Tally {
+    fn new(vm: &TestVm) -> Self {
+        Tally {
+            updates: 0,
+            rollbacks: 0,
+            blackout: Vec::new(),
+            update_us: Vec::new(),
+            kick: Vec::new(),
+            ioctls_start: vm.ioctls(),
+            rss_kib_start: peak_rss_kib(),
+        }
+    }
+
+    /// One attempt at a batch: applied, or rolled back.
+    fn record(&mut self, stats: &crate::kvm::ApplyStats, applied: bool) {
+        if applied {
+            self.updates += 1;
+        } else {
+            self.rollbacks += 1;
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        self.blackout
+            .push(stats.quiesce.map_or(0.0, |q| us(q.blackout)));
+        if let Some(q) = stats.quiesce {
+            self.kick.push(us(q.kick_to_parked));
+        }
+        self.update_us.push(us(stats.update));
+    }
+
+    fn report(
+        self,
+        vm: &TestVm,
+        strategy: Strategy,
+        workload: String,
+        vcpus: usize,
+        lost_dirty_pages: u64,
+        layout_matches: Option<bool>,
+    ) -> StressReport {
+        let guest = vm.guest_stats();
+        StressReport {
+            backend: "kvm",
+            strategy: strategy.name(),
+            workload,
+            vcpus,
+            updates: self.updates,
+            ioctls: vm.ioctls() - self.ioctls_start,
+            guest_accesses: guest.accesses,
+            spurious_exits: guest.spurious_exits,
+            internal_errors: guest.internal_errors,
+            data_errors: guest.data_errors,
+            lost_dirty_pages,
+            rollbacks: self.rollbacks,
+            blackout_us: Micros::of(self.blackout, true),
+            update_us: Micros::of(self.update_us, false),
+            layout_matches,
+            rss_kib_start: self.rss_kib_start,
+            rss_kib_end: peak_rss_kib(),
+            kick_to_parked_us: self.kick,
+            first_problem: vm.first_problem(),
+        }
+    }
+}
+
 /// Why a stress run could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum StressError {
@@ -294,14 +368,9 @@ pub fn run(
     dirty.harvest(&mut vm);
 
     let started = Instant::now();
-    let rss_kib_start = peak_rss_kib();
-    let ioctls_start = vm.ioctls();
-    let (mut updates, mut rollbacks) = (0u64, 0u64);
-    let mut blackout = Vec::new();
-    let mut update_us = Vec::new();
-    let mut kick = Vec::new();
+    let mut tally = Tally::new(&vm);
     loop {
-        if config.updates.is_some_and(|n| updates >= n)
+        if config.updates.is_some_and(|n| tally.updates >= n)
             || config.duration.is_some_and(|d| started.elapsed() >= d)
         {
             break;
@@ -324,55 +393,28 @@ pub fn run(
                 .collect(),
             _ => update.batch.calls().to_vec(),
         };
-        let stats = match vm.apply(&calls, config.strategy) {
+        match vm.apply(&calls, config.strategy) {
             Ok(stats) => {
-                updates += 1;
+                tally.record(&stats, true);
                 sections = after;
-                stats
             }
-            Err(ApplyError::RolledBack { stats, .. }) => {
-                rollbacks += 1;
-                *stats
-            }
+            Err(ApplyError::RolledBack { stats, .. }) => tally.record(&stats, false),
             Err(e) => return Err(StressError::Apply(e)),
-        };
-        blackout.push(
-            stats
-                .quiesce
-                .map_or(0.0, |q| q.blackout.as_secs_f64() * 1e6),
-        );
-        if let Some(q) = stats.quiesce {
-            kick.push(q.kick_to_parked.as_secs_f64() * 1e6);
         }
-        update_us.push(stats.update.as_secs_f64() * 1e6);
         dirty.after_update(vm.layout());
         dirty.harvest(&mut vm);
-        progress(updates, config.updates);
+        progress(tally.updates, config.updates);
         // Let the guest run over the new layout before the next change.
         std::thread::sleep(Duration::from_micros(200));
     }
-    let guest = vm.guest_stats();
-    let report = StressReport {
-        backend: "kvm",
-        strategy: config.strategy.name(),
-        workload: kind.name().to_owned(),
-        vcpus: config.vcpus,
-        updates,
-        ioctls: vm.ioctls() - ioctls_start,
-        guest_accesses: guest.accesses,
-        spurious_exits: guest.spurious_exits,
-        internal_errors: guest.internal_errors,
-        data_errors: guest.data_errors,
-        lost_dirty_pages: dirty.lost,
-        rollbacks,
-        blackout_us: Micros::of(blackout, true),
-        update_us: Micros::of(update_us, false),
-        layout_matches: None,
-        rss_kib_start,
-        rss_kib_end: peak_rss_kib(),
-        kick_to_parked_us: kick,
-        first_problem: vm.first_problem(),
-    };
+    let report = tally.report(
+        &vm,
+        config.strategy,
+        kind.name().to_owned(),
+        config.vcpus,
+        dirty.lost,
+        None,
+    );
     drop(vm);
     Ok(report)
 }
@@ -583,12 +625,9 @@ pub fn replay(
     let mut dirty = DirtyCheck::new(probes.iter().map(|&(_, h)| (h, h + PAGE_SIZE)).collect());
     dirty.harvest(&mut vm);
 
-    let ioctls_start = vm.ioctls();
-    let rss_kib_start = peak_rss_kib();
+    let mut tally = Tally::new(&vm);
     let steps: Vec<usize> = (1..commits.len()).chain([0]).collect();
     let total = steps.len() as u64 * config.loops;
-    let (mut updates, mut rollbacks) = (0u64, 0u64);
-    let (mut blackout, mut update_us, mut kick) = (Vec::new(), Vec::new(), Vec::new());
     let mut matches = true;
     for _ in 0..config.loops {
         for &c in &steps {
@@ -609,33 +648,16 @@ pub fn replay(
             };
             let ours: Vec<SlotCall> = calls.iter().map(|call| hosts.call(arena, call)).collect();
             // A batch rolled back by an injected fault is tried again: the trace must go on.
-            let stats = loop {
+            loop {
                 match vm.apply(&ours, config.strategy) {
-                    Ok(stats) => break stats,
-                    Err(ApplyError::RolledBack { stats, .. }) => {
-                        rollbacks += 1;
-                        blackout.push(
-                            stats
-                                .quiesce
-                                .map_or(0.0, |q| q.blackout.as_secs_f64() * 1e6),
-                        );
-                    }
+                    Ok(stats) => break tally.record(&stats, true),
+                    Err(ApplyError::RolledBack { stats, .. }) => tally.record(&stats, false),
                     Err(e) => return Err(StressError::Apply(e).into()),
                 }
-            };
-            updates += 1;
+            }
             shadow
                 .apply_batch(&calls)
                 .expect("the model accepted these calls for the VM");
-            blackout.push(
-                stats
-                    .quiesce
-                    .map_or(0.0, |q| q.blackout.as_secs_f64() * 1e6),
-            );
-            if let Some(q) = stats.quiesce {
-                kick.push(q.kick_to_parked.as_secs_f64() * 1e6);
-            }
-            update_us.push(stats.update.as_secs_f64() * 1e6);
             // The VM's own slots, in QEMU's host addresses, must map exactly like the trace.
             let mut seen = Layout::new(limits);
             for s in vm.layout().slots() {
@@ -648,31 +670,17 @@ pub fn replay(
             matches &= MemoryMap::from_layout(&seen) == targets[c];
             dirty.after_update(vm.layout());
             dirty.harvest(&mut vm);
-            progress(updates, Some(total));
+            progress(tally.updates, Some(total));
             // Let every vCPU make a full pass over its probes on this commit's layout.
             wait_for_rounds(&vm, vm.guest_stats().rounds + config.vcpus as u64);
         }
     }
-    let guest = vm.guest_stats();
-    Ok(StressReport {
-        backend: "kvm",
-        strategy: config.strategy.name(),
-        workload: name.to_owned(),
-        vcpus: config.vcpus,
-        updates,
-        ioctls: vm.ioctls() - ioctls_start,
-        guest_accesses: guest.accesses,
-        spurious_exits: guest.spurious_exits,
-        internal_errors: guest.internal_errors,
-        data_errors: guest.data_errors,
-        lost_dirty_pages: dirty.lost,
-        rollbacks,
-        blackout_us: Micros::of(blackout, true),
-        update_us: Micros::of(update_us, false),
-        layout_matches: Some(matches),
-        rss_kib_start,
-        rss_kib_end: peak_rss_kib(),
-        kick_to_parked_us: kick,
-        first_problem: vm.first_problem(),
-    })
+    Ok(tally.report(
+        &vm,
+        config.strategy,
+        name.to_owned(),
+        config.vcpus,
+        dirty.lost,
+        Some(matches),
+    ))
 }
