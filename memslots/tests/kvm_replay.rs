@@ -1,36 +1,12 @@
 //! Every committed QEMU trace replays on a running guest: clean with the planner's batches, and
 //! ending each commit in the trace's mapping; QEMU's own calls, made naively, show the holes.
 
-use std::path::PathBuf;
-
 use memslots::kvm::Strategy;
 use memslots::stress::{replay, ReplayConfig};
 use memslots::trace::Trace;
 
-fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm cannot be opened ({e}); this KVM test did not run");
-            false
-        }
-    }
-}
-
-fn traces() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("traces")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    out.sort();
-    out
-}
+mod support;
+use support::{kvm_or_skip, traces};
 
 fn config(strategy: Strategy) -> ReplayConfig {
     ReplayConfig {
@@ -64,9 +40,7 @@ fn qemus_calls_made_naively_show_holes() {
     if !kvm_or_skip() {
         return;
     }
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces/pc-512m-std.log");
-    let trace = Trace::from_file(&path).expect("trace");
+    let trace = Trace::from_file(&support::trace("pc-512m-std.log")).expect("trace");
     let mut cfg = config(Strategy::Naive);
     cfg.loops = 10;
     let r = replay(&trace, "pc-512m-std", &cfg, |_, _| {}).expect("replay");
@@ -79,9 +53,7 @@ fn injected_faults_roll_back_and_the_replay_goes_on() {
     if !kvm_or_skip() {
         return;
     }
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces/q35-2g-std.log");
-    let trace = Trace::from_file(&path).expect("trace");
+    let trace = Trace::from_file(&support::trace("q35-2g-std.log")).expect("trace");
     let mut cfg = config(Strategy::Atomic);
     cfg.inject_faults = Some(0.1);
     cfg.loops = 4;

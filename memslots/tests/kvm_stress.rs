@@ -10,19 +10,8 @@ use memslots::model::SlotCall;
 use memslots::stress::{run, StressConfig, StressReport, ARENA_GPA};
 use memslots::workload::{Arena, Workload, WorkloadKind};
 
-fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm cannot be opened ({e}); this KVM test did not run");
-            false
-        }
-    }
-}
+mod support;
+use support::kvm_or_skip;
 
 fn stress(workload: WorkloadKind, strategy: Strategy, updates: u64) -> StressReport {
     let report = run(

@@ -1,28 +1,19 @@
 //! Every committed QEMU trace replayed through the planner, against the floors.
 
-use std::path::PathBuf;
-
 use memslots::model::{Layout, Limits};
 use memslots::planner::replay::replay;
 use memslots::planner::{CutPolicy, MemoryMap};
 use memslots::trace::Trace;
 
-fn traces() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    out.sort();
-    assert!(!out.is_empty(), "no traces in {}", dir.display());
-    out
-}
+mod support;
+use support::traces;
 
 #[test]
 fn every_trace_meets_the_floors() {
     let mut failures = Vec::new();
-    for path in traces() {
+    let all = traces();
+    assert!(!all.is_empty(), "no traces");
+    for path in all {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let trace = Trace::from_file(&path).unwrap();
         let run = replay(&trace, Limits::default(), &CutPolicy::default())

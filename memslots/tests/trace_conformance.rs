@@ -1,21 +1,11 @@
 //! Every committed QEMU trace is predicted call for call by the model.
 
-use std::path::PathBuf;
-
 use memslots::conformance::run_trace;
 use memslots::model::Limits;
 use memslots::trace::Trace;
 
-fn traces() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    out.sort();
-    out
-}
+mod support;
+use support::traces;
 
 #[test]
 fn every_trace_is_predicted() {

@@ -1,0 +1,38 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test file uses some of them
+
+use std::path::PathBuf;
+
+/// Whether `/dev/kvm` can be used; says so loudly on stderr when it cannot.
+pub fn kvm_or_skip() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: /dev/kvm cannot be opened ({e}); this KVM test did not run");
+            false
+        }
+    }
+}
+
+/// Every committed QEMU trace, sorted.
+pub fn traces() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// One committed trace by file name.
+pub fn trace(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/traces")
+        .join(name)
+}
