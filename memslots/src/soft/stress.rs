@@ -146,7 +146,7 @@ fn read_loop(mut reader: super::Reader, shared: &Shared, probes: &[(u16, u64)], 
         fence(Ordering::SeqCst);
         let s2 = shared.seq.load(Ordering::Acquire);
         accesses += 1;
-        if accesses % 256 == 0 {
+        if accesses % 4096 == 0 {
             // Readers outnumber cores on small machines; let the writer run (a vCPU thread is
             // preempted at ticks the same way).
             std::thread::yield_now();
