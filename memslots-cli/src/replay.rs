@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use memslots::kvm::Strategy;
+use memslots::soft::compare::CompareOptions;
+use memslots::soft::replay::SoftReplayConfig;
 use memslots::stress::{replay, ReplayConfig};
 use memslots::trace::Trace;
 
@@ -23,10 +25,11 @@ pub struct Args {
     /// `atomic`: the planner's batch per commit; `qemu`, `naive`: QEMU's own calls.
     #[arg(long, value_enum, default_value_t = StrategyArg::Atomic)]
     strategy: StrategyArg,
-    /// Times through the trace (forward, then back to the first layout).
+    /// Times through the trace (forward, then back to the first layout); kvm backend only, the
+    /// soft backend runs each commit once, three ways, on fresh soft memory.
     #[arg(long, default_value_t = 20)]
     loops: u64,
-    /// vCPUs running the test guest.
+    /// vCPUs running the test guest (soft backend: reader threads).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=7))]
     vcpus: u16,
     /// Seed of injected faults.
@@ -42,15 +45,15 @@ pub struct Args {
 
 /// Runs the subcommand.
 pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
-    if args.backend == BackendArg::Soft {
-        return Err("--backend soft is not wired to replay yet; use --backend kvm".into());
-    }
     let trace = Trace::from_file(&args.trace)?;
-    require_kvm()?;
     let name = args
         .trace
         .file_name()
         .map_or_else(|| "trace".into(), |n| n.to_string_lossy().into_owned());
+    if args.backend == BackendArg::Soft {
+        return run_soft(&args, &trace, &name);
+    }
+    require_kvm()?;
     let config = ReplayConfig {
         strategy: args.strategy.into(),
         vcpus: usize::from(args.vcpus),
@@ -83,6 +86,66 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     }
     let clean = report.clean() && report.layout_matches == Some(true);
     Ok(if config.strategy == Strategy::Atomic && !clean {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `--backend soft`: every commit three ways (QEMU's calls, planned batch, native primitives).
+fn run_soft(args: &Args, trace: &Trace, name: &str) -> Result<ExitCode, Box<dyn Error>> {
+    if args.inject_faults.is_some() {
+        return Err("--inject-faults is not supported by replay --backend soft".into());
+    }
+    let strategy: Strategy = args.strategy.into();
+    let config = SoftReplayConfig {
+        strategy,
+        readers: usize::from(args.vcpus),
+        prefault_pages: CompareOptions::default().prefault_pages,
+    };
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(indicatif::ProgressBar::no_length);
+    let soft = memslots::soft::replay::replay(trace, name, &config, |done, total| {
+        if let Some(bar) = &bar {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(done);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    print_summary(&soft.report);
+    println!(
+        "  {:<28} {}",
+        "layout matches the trace",
+        soft.report.layout_matches.unwrap_or(false)
+    );
+    println!(
+        "{} commits, {} reader threads, three ways:",
+        soft.ways.commits, config.readers
+    );
+    println!(
+        "  {:<22} {:>8} {:>12} {:>8} {:>14} {:>9} {:>12}",
+        "way", "steps", "zapped pages", "retries", "spurious MMIO", "faults", "invalidated"
+    );
+    for (label, w) in [
+        ("QEMU's calls", &soft.ways.qemu),
+        ("planned batch", &soft.ways.planned),
+        ("native primitives", &soft.ways.native),
+    ] {
+        println!(
+            "  {:<22} {:>8} {:>12} {:>8} {:>14} {:>9} {:>12}",
+            label, w.steps, w.zapped_pages, w.retries, w.spurious_mmio, w.faults, w.invalidated
+        );
+    }
+    if args.json {
+        json_line(&soft)?;
+    }
+    let clean = soft.report.clean() && soft.report.layout_matches == Some(true);
+    Ok(if strategy == Strategy::Atomic && !clean {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

@@ -105,16 +105,15 @@ pub struct Args {
 
 /// Runs the subcommand.
 pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
-    if args.backend == BackendArg::Soft {
-        return Err("--backend soft is not wired to stress yet; use --backend kvm".into());
-    }
     let inject_faults = probability(args.inject_faults)?;
     if let Some(d) = args.duration {
         if !(d > 0.0 && d.is_finite()) {
             return Err(format!("--duration takes a positive number of seconds, not {d}").into());
         }
     }
-    require_kvm()?;
+    if args.backend == BackendArg::Kvm {
+        require_kvm()?;
+    }
     let duration = match (args.updates, args.duration) {
         (None, None) => Some(Duration::from_secs(10)),
         (_, d) => d.map(Duration::from_secs_f64),
@@ -136,15 +135,28 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         bar.set_message(format!("{} / {}", config.workload, config.strategy.name()));
         bar
     });
-    let report = run(&config, |done, _| {
+    let on_progress = |done, _| {
         if let Some(bar) = &bar {
             bar.set_position(done);
         }
-    })?;
+    };
+    let (report, soft) = match args.backend {
+        BackendArg::Kvm => (run(&config, on_progress)?, None),
+        BackendArg::Soft => {
+            let soft = memslots::soft::stress::run(&config, on_progress)?;
+            (soft.report.clone(), Some(soft))
+        }
+    };
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     print_summary(&report);
+    if let Some(soft) = soft {
+        println!("  {:<28} {}", "SPTE faults", soft.spte.faults);
+        println!("  {:<28} {}", "SPTEs zapped", soft.spte.zapped);
+        println!("  {:<28} {}", "RETRYs (invalid slot)", soft.spte.retries);
+        println!("  {:<28} {}", "answers not checked", soft.unchecked);
+    }
     if args.json {
         json_line(&report)?;
     }

@@ -13,8 +13,10 @@ pub mod compare;
 mod memory;
 pub mod rcu;
 mod reader;
+pub mod replay;
 pub mod set;
 pub mod spte;
+pub mod stress;
 mod sync;
 
 pub use compare::{
