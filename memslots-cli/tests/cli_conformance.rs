@@ -1,56 +1,8 @@
 //! `memslots conformance` driven as a user would: the binary, its output and exit status.
 
-use std::io::Write;
-use std::process::{Command, Output};
+mod support;
 
-fn memslots(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memslots"))
-        .args(args)
-        .output()
-        .expect("run memslots")
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().expect("output");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
-}
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm cannot be opened; the live conformance run did not run");
-    }
-    ok
-}
-
-/// A trace file in the temp directory, removed when dropped.
-struct TempTrace(std::path::PathBuf);
-
-impl std::ops::Deref for TempTrace {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempTrace {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn temp_trace(name: &str, text: &str) -> TempTrace {
-    let path = std::env::temp_dir().join(format!("memslots-{}-{name}.log", std::process::id()));
-    std::fs::File::create(&path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .expect("write trace");
-    TempTrace(path)
-}
+use support::{kvm_usable, last_json, memslots, temp};
 
 const TRACE: &str = "\
 kvm_set_user_memory Slot#0 flags=0x0 gpa=0x0 size=0xa0000 ua=0x7f0000000000 ret=0
@@ -64,7 +16,7 @@ kvm_set_user_memory Slot#1 flags=0x1 gpa=0xc0000 size=0x20000 ua=0x7f0000100000 
 
 #[test]
 fn trace_with_all_three_formats_is_predicted() {
-    let path = temp_trace("good", TRACE);
+    let path = temp("good.log", TRACE);
     let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
     assert!(
         out.status.success(),
@@ -84,7 +36,7 @@ fn a_trace_the_model_disagrees_with_exits_1() {
     // The kernel would refuse this resize in place; the trace claims it was accepted.
     let bad = TRACE.replace("gpa=0xc0000 size=0x20000 ua=0x7f0000100000 ret=0\nkvm_set_user_memory Slot#1 flags=0x1",
                             "gpa=0xc0000 size=0x20000 ua=0x7f0000100000 ret=0\nkvm_set_user_memory Slot#1 flags=0x1 gpa=0xc0000 size=0x30000 ua=0x7f0000100000 ret=0\nkvm_set_user_memory Slot#1 flags=0x1");
-    let path = temp_trace("disagree", &bad);
+    let path = temp("disagree.log", &bad);
     let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
     assert_eq!(out.status.code(), Some(1));
     let json = last_json(&out);
@@ -93,8 +45,8 @@ fn a_trace_the_model_disagrees_with_exits_1() {
 
 #[test]
 fn malformed_trace_line_is_named() {
-    let path = temp_trace(
-        "bad",
+    let path = temp(
+        "bad.log",
         &format!("{TRACE}kvm_set_user_memory Slot#1 flags=0x0 gpa=zz size=0x0 ua=0x0 ret=0\n"),
     );
     let out = memslots(&["conformance", "--trace", path.to_str().unwrap()]);
@@ -116,7 +68,7 @@ fn missing_file_and_bad_arguments_exit_2() {
 
 #[test]
 fn live_conformance_json() {
-    if !kvm_usable() {
+    if !kvm_usable("the live conformance run") {
         return;
     }
     // A new seed every run (printed, so a failure can be replayed with --seed).

@@ -1,53 +1,8 @@
 //! `memslots plan` driven as a user would: output, JSON last line, SVG, exit status on bad input.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod support;
 
-fn memslots(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memslots"))
-        .args(args)
-        .output()
-        .expect("run memslots")
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().expect("output");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
-}
-
-/// A temporary file, removed when dropped.
-struct Temp(PathBuf);
-
-impl Temp {
-    fn to_str(&self) -> Option<&str> {
-        self.0.to_str()
-    }
-}
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn temp(name: &str, text: &str) -> Temp {
-    let path = std::env::temp_dir().join(format!("memslots-plan-{}-{name}", std::process::id()));
-    std::fs::write(&path, text).expect("write temp file");
-    Temp(path)
-}
-
-fn trace(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data/traces")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use support::{last_json, memslots, stderr, temp, trace};
 
 #[test]
 fn trace_json_has_exactly_the_issue_fields() {
@@ -99,7 +54,7 @@ fn trace_json_has_exactly_the_issue_fields() {
     assert_eq!(json["qemu_ioctls"], 35);
     // The trace's own host addresses are kept.
     assert!(ops.iter().any(|o| o["ua"] == 0x7fc2_7fe0_0000u64));
-    let drawing = std::fs::read_to_string(&svg.0).unwrap();
+    let drawing = std::fs::read_to_string(&*svg).unwrap();
     assert!(drawing.starts_with("<svg") && drawing.contains("commit 7"));
 }
 

@@ -1,56 +1,11 @@
 //! `memslots stress --backend soft` and `memslots replay --backend soft` driven as a user would:
 //! summary, JSON last line, exit status, bad input.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::{Command, Output};
 
-fn memslots(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memslots"))
-        .args(args)
-        .output()
-        .expect("run memslots")
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().expect("output");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn trace(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data/traces")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-const ISSUE5_FIELDS: [&str; 15] = [
-    "backend",
-    "strategy",
-    "workload",
-    "vcpus",
-    "updates",
-    "ioctls",
-    "guest_accesses",
-    "spurious_exits",
-    "internal_errors",
-    "data_errors",
-    "lost_dirty_pages",
-    "rollbacks",
-    "blackout_us",
-    "update_us",
-    "layout_matches",
-];
-
-fn keys(v: &serde_json::Value) -> BTreeSet<String> {
-    v.as_object().expect("object").keys().cloned().collect()
-}
+use support::{keys, last_json, memslots, report_fields, stderr, trace};
 
 #[test]
 fn stress_soft_atomic_is_clean_with_the_issue_fields() {
@@ -69,7 +24,7 @@ fn stress_soft_atomic_is_clean_with_the_issue_fields() {
     assert!(stdout.contains("soft backend, atomic strategy"), "{stdout}");
     assert!(stdout.contains("RETRYs"), "{stdout}");
     let json = last_json(&out);
-    let want: BTreeSet<String> = ISSUE5_FIELDS.iter().map(|s| s.to_string()).collect();
+    let want = report_fields();
     assert_eq!(keys(&json), want);
     assert_eq!(json["backend"], "soft");
     assert_eq!(json["strategy"], "atomic");
@@ -136,7 +91,7 @@ fn replay_soft_prints_three_ways_and_per_way_json() {
         assert!(stdout.contains(row), "{stdout}");
     }
     let json = last_json(&out);
-    let mut want: BTreeSet<String> = ISSUE5_FIELDS.iter().map(|s| s.to_string()).collect();
+    let mut want = report_fields();
     want.insert("zapped_pages".into());
     want.insert("retries".into());
     assert_eq!(keys(&json), want);

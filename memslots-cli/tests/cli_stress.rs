@@ -1,58 +1,13 @@
 //! `memslots stress`, `replay` and `bench` driven as a user would: the binary, its output and exit
 //! status, good and bad input.
 
-use std::process::{Command, Output};
+mod support;
 
-fn memslots(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memslots"))
-        .args(args)
-        .output()
-        .expect("run memslots")
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().expect("output");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
-}
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm cannot be opened; the live stress runs did not run");
-    }
-    ok
-}
-
-fn trace(name: &str) -> String {
-    format!("{}/../tests/data/traces/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-const FIELDS: [&str; 15] = [
-    "backend",
-    "strategy",
-    "workload",
-    "vcpus",
-    "updates",
-    "ioctls",
-    "guest_accesses",
-    "spurious_exits",
-    "internal_errors",
-    "data_errors",
-    "lost_dirty_pages",
-    "rollbacks",
-    "blackout_us",
-    "update_us",
-    "layout_matches",
-];
+use support::{kvm_usable, last_json, memslots, trace, REPORT_FIELDS};
 
 #[test]
 fn stress_json_has_the_contract_fields_and_atomic_is_clean() {
-    if !kvm_usable() {
+    if !kvm_usable("the live stress runs") {
         return;
     }
     let out = memslots(&["stress", "--updates", "200", "--json"]);
@@ -62,7 +17,7 @@ fn stress_json_has_the_contract_fields_and_atomic_is_clean() {
         String::from_utf8_lossy(&out.stdout)
     );
     let j = last_json(&out);
-    for f in FIELDS {
+    for f in REPORT_FIELDS {
         assert!(j.get(f).is_some(), "missing {f}: {j}");
     }
     for f in ["p50", "p99", "max", "total"] {
@@ -81,7 +36,7 @@ fn stress_json_has_the_contract_fields_and_atomic_is_clean() {
 
 #[test]
 fn naive_pam_reproduces_the_bug_and_still_exits_0() {
-    if !kvm_usable() {
+    if !kvm_usable("the live stress runs") {
         return;
     }
     let out = memslots(&[
@@ -102,7 +57,7 @@ fn naive_pam_reproduces_the_bug_and_still_exits_0() {
 
 #[test]
 fn replay_json_and_layout_matches() {
-    if !kvm_usable() {
+    if !kvm_usable("the live stress runs") {
         return;
     }
     let t = trace("pc-512m-std.log");
@@ -113,7 +68,7 @@ fn replay_json_and_layout_matches() {
         String::from_utf8_lossy(&out.stdout)
     );
     let j = last_json(&out);
-    for f in FIELDS {
+    for f in REPORT_FIELDS {
         assert!(j.get(f).is_some(), "missing {f}");
     }
     assert_eq!(j["layout_matches"], true);

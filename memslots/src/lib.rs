@@ -6,6 +6,7 @@
 //! - [`kvm`]: the real `/dev/kvm` backend: vCPU gate, test guest, atomic apply.
 //! - [`soft`]: the userspace backend: the atomic list algorithm and native primitives, measured.
 //! - [`trace`]: QEMU `kvm_set_user_memory` traces.
+//! - [`stats`]: constant-memory duration percentiles.
 //! - [`workload`], [`stress`]: the layout changes `memslots stress` and `replay` run.
 //! - [`conformance`]: the model held against the running kernel.
 #![deny(missing_docs)]
@@ -15,6 +16,7 @@ pub mod kvm;
 pub mod model;
 pub mod planner;
 pub mod soft;
+pub mod stats;
 pub mod stress;
 pub mod trace;
 pub mod workload;

@@ -34,38 +34,8 @@ pub struct StressConfig {
     pub inject_faults: Option<f64>,
 }
 
-/// Percentiles of a time series, in microseconds.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
-pub struct Micros {
-    /// Median.
-    pub p50: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// Largest.
-    pub max: f64,
-    /// Sum (only for the blackout).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub total: Option<f64>,
-}
-
-impl Micros {
-    fn of(mut xs: Vec<f64>, with_total: bool) -> Self {
-        xs.sort_by(f64::total_cmp);
-        let q = |q: f64| {
-            if xs.is_empty() {
-                0.0
-            } else {
-                xs[((xs.len() - 1) as f64 * q).round() as usize]
-            }
-        };
-        Micros {
-            p50: q(0.5),
-            p99: q(0.99),
-            max: xs.last().copied().unwrap_or(0.0),
-            total: with_total.then(|| xs.iter().sum()),
-        }
-    }
-}
+pub use crate::stats::Micros;
+use crate::stats::Samples;
 
 /// The summary `memslots stress` and `memslots replay` print as JSON.
 #[derive(Clone, Debug, Serialize)]
@@ -104,9 +74,9 @@ pub struct StressReport {
     pub rss_kib_start: u64,
     /// Peak resident memory of the process (KiB) at the end: flat on a soak.
     pub rss_kib_end: u64,
-    /// Kick-to-all-parked per quiesced batch (not in the JSON contract; for bench).
+    /// Kick-to-all-parked over the quiesced batches (not in the JSON contract).
     #[serde(skip)]
-    pub kick_to_parked_us: Vec<f64>,
+    pub kick_to_parked_us: Micros,
     /// The first problem seen, described (not in the JSON contract).
     #[serde(skip)]
     pub first_problem: Option<String>,
@@ -126,9 +96,9 @@ impl StressReport {
 struct Tally {
     updates: u64,
     rollbacks: u64,
-    blackout: Vec<f64>,
-    update_us: Vec<f64>,
-    kick: Vec<f64>,
+    blackout: Samples,
+    update_us: Samples,
+    kick: Samples,
     ioctls_start: u64,
     rss_kib_start: u64,
 }
@@ -138,9 +108,9 @@ impl Tally {
         Tally {
             updates: 0,
             rollbacks: 0,
-            blackout: Vec::new(),
-            update_us: Vec::new(),
-            kick: Vec::new(),
+            blackout: Samples::new(),
+            update_us: Samples::new(),
+            kick: Samples::new(),
             ioctls_start: vm.ioctls(),
             rss_kib_start: peak_rss_kib(),
         }
@@ -185,12 +155,12 @@ impl Tally {
             data_errors: guest.data_errors,
             lost_dirty_pages,
             rollbacks: self.rollbacks,
-            blackout_us: Micros::of(self.blackout, true),
-            update_us: Micros::of(self.update_us, false),
+            blackout_us: self.blackout.micros(true),
+            update_us: self.update_us.micros(false),
             layout_matches,
             rss_kib_start: self.rss_kib_start,
             rss_kib_end: peak_rss_kib(),
-            kick_to_parked_us: self.kick,
+            kick_to_parked_us: self.kick.micros(false),
             first_problem: vm.first_problem(),
         }
     }

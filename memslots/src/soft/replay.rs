@@ -8,10 +8,11 @@ use serde::Serialize;
 
 use super::compare::{compare_commit, CompareOptions, TraceComparison};
 use super::memory::{SoftError, SoftMemory};
-use super::stress::{micros, qemu_inhibits};
+use super::stress::qemu_inhibits;
 use crate::kvm::Strategy;
 use crate::model::{Layout, Limits, SlotCall};
 use crate::planner::{plan, MemoryMap};
+use crate::stats::{Micros, Samples};
 use crate::stress::StressReport;
 use crate::trace::Trace;
 
@@ -105,6 +106,7 @@ pub fn replay(
     config: &SoftReplayConfig,
     mut progress: impl FnMut(u64, Option<u64>),
 ) -> Result<SoftReplayReport, SoftReplayError> {
+    let rss_kib_start = crate::stress::peak_rss_kib();
     let limits = Limits::default();
     let commits = crate::planner::replay::qemu_commits(trace, limits)?;
     if commits.is_empty() {
@@ -122,8 +124,8 @@ pub fn replay(
     };
     let mut matches = true;
     let (mut spurious, mut ioctls) = (0u64, 0u64);
-    let mut blackout = Vec::new();
-    let mut update_us = Vec::new();
+    let mut blackout = Samples::new();
+    let mut update_us = Samples::new();
     let total = commits.len() as u64;
     for (i, c) in commits.iter().enumerate() {
         let soft = |source| SoftReplayError::Soft { commit: i, source };
@@ -191,10 +193,12 @@ pub fn replay(
         data_errors: 0,
         lost_dirty_pages: 0,
         rollbacks: 0,
-        blackout_us: micros(blackout, true),
-        update_us: micros(update_us, false),
+        blackout_us: blackout.micros(true),
+        update_us: update_us.micros(false),
         layout_matches: Some(matches),
-        kick_to_parked_us: Vec::new(),
+        kick_to_parked_us: Micros::default(),
+        rss_kib_start,
+        rss_kib_end: crate::stress::peak_rss_kib(),
         first_problem: None,
     };
     Ok(SoftReplayReport {

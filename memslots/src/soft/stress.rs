@@ -18,7 +18,8 @@ use super::spte::SpteCounters;
 use crate::conformance::SplitMix64;
 use crate::kvm::Strategy;
 use crate::model::{Change, Layout, Limits, Slot, SlotCall};
-use crate::stress::{Micros, StressConfig, StressReport, ARENA_GPA};
+use crate::stats::{Micros, Samples};
+use crate::stress::{StressConfig, StressReport, ARENA_GPA};
 use crate::workload::{Arena, Workload};
 
 /// Host address the soft arena pretends to live at (the soft backend maps no memory).
@@ -101,24 +102,6 @@ pub fn qemu_inhibits(before: &Layout, calls: &[SlotCall]) -> bool {
                 r.id.address_space == n.id.address_space && r.gpa < n.end() && n.gpa < r.end()
             })
         })
-}
-
-/// Percentiles of `xs`, in microseconds.
-pub(crate) fn micros(mut xs: Vec<f64>, with_total: bool) -> Micros {
-    xs.sort_by(f64::total_cmp);
-    let q = |q: f64| {
-        if xs.is_empty() {
-            0.0
-        } else {
-            xs[((xs.len() - 1) as f64 * q).round() as usize]
-        }
-    };
-    Micros {
-        p50: q(0.5),
-        p99: q(0.99),
-        max: xs.last().copied().unwrap_or(0.0),
-        total: with_total.then(|| xs.iter().sum()),
-    }
 }
 
 /// One reader thread: reads probe pages round-robin until told to stop.
@@ -208,6 +191,7 @@ pub fn run(
     if config.inject_faults.is_some() && config.strategy != Strategy::Atomic {
         return Err(SoftStressError::InjectNeedsAtomic);
     }
+    let rss_kib_start = crate::stress::peak_rss_kib();
     let kind = config.workload;
     let arena = Arena {
         gpa: ARENA_GPA,
@@ -266,8 +250,8 @@ pub fn run(
     let counters_start = memory.counters();
 
     let (mut updates, mut rollbacks, mut ioctls) = (0u64, 0u64, 0u64);
-    let mut blackout = Vec::new();
-    let mut update_us = Vec::new();
+    let mut blackout = Samples::new();
+    let mut update_us = Samples::new();
     let result: Result<(), SoftStressError> = std::thread::scope(|scope| {
         for r in 0..config.vcpus {
             let reader = memory.reader();
@@ -343,7 +327,7 @@ pub fn run(
                 Err(SoftError::Injected { .. }) => rollbacks += 1,
                 Err(e) => break Err(SoftStressError::Soft(e)),
             }
-            if blackout.len() < (updates + rollbacks) as usize {
+            if blackout.count() < updates + rollbacks {
                 blackout.push(0.0);
             }
             update_us.push(elapsed);
@@ -379,10 +363,12 @@ pub fn run(
         data_errors: shared.data_errors.load(Ordering::Relaxed),
         lost_dirty_pages: 0,
         rollbacks,
-        blackout_us: micros(blackout, true),
-        update_us: micros(update_us, false),
+        blackout_us: blackout.micros(true),
+        update_us: update_us.micros(false),
         layout_matches: None,
-        kick_to_parked_us: Vec::new(),
+        kick_to_parked_us: Micros::default(),
+        rss_kib_start,
+        rss_kib_end: crate::stress::peak_rss_kib(),
         first_problem: shared
             .first_problem
             .into_inner()

@@ -1,0 +1,104 @@
+//! What every CLI test needs: run the binary, read its JSON line, find the committed traces.
+
+// Each test file uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs the `memslots` binary with `args`.
+pub fn memslots(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_memslots"))
+        .args(args)
+        .output()
+        .expect("run memslots")
+}
+
+/// The JSON object on the last line of stdout.
+pub fn last_json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().expect("output");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// Stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The keys of a JSON object.
+pub fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+    v.as_object().expect("object").keys().cloned().collect()
+}
+
+/// Whether `/dev/kvm` opens; if not, says loudly on stderr which checks (`what`) did not run.
+pub fn kvm_usable(what: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: /dev/kvm cannot be opened; {what} did not run");
+    }
+    ok
+}
+
+/// The path of a committed trace.
+pub fn trace(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/traces")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The fields of the `stress`/`replay` JSON object (issues 5 and 8).
+pub const REPORT_FIELDS: [&str; 17] = [
+    "backend",
+    "strategy",
+    "workload",
+    "vcpus",
+    "updates",
+    "ioctls",
+    "guest_accesses",
+    "spurious_exits",
+    "internal_errors",
+    "data_errors",
+    "lost_dirty_pages",
+    "rollbacks",
+    "blackout_us",
+    "update_us",
+    "layout_matches",
+    "rss_kib_start",
+    "rss_kib_end",
+];
+
+/// [`REPORT_FIELDS`] as a set.
+pub fn report_fields() -> BTreeSet<String> {
+    REPORT_FIELDS.iter().map(|s| s.to_string()).collect()
+}
+
+/// A file in the temp directory, removed when dropped.
+pub struct Temp(PathBuf);
+
+impl std::ops::Deref for Temp {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes `text` to a fresh temp file named after `name` and this process.
+pub fn temp(name: &str, text: &str) -> Temp {
+    let path = std::env::temp_dir().join(format!("memslots-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).expect("write temp file");
+    Temp(path)
+}
