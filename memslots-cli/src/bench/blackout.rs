@@ -107,6 +107,15 @@ fn held_median(xs: &mut [f64]) -> f64 {
     }
 }
 
+/// One update on `me` with `other`'s vCPUs parked, then time for `me`'s guest to run.
+fn measured(me: &mut Rig, other: &Rig, strategy: Strategy) -> Result<ApplyStats, Box<dyn Error>> {
+    let parked = other.vm.gate().quiesce();
+    let s = me.step(strategy);
+    drop(parked);
+    std::thread::sleep(SETTLE);
+    s
+}
+
 /// Blackout figures for the `pam`, `resize` and `bar` workloads.
 pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
     let updates = if quick { 60 } else { 1000 };
@@ -119,21 +128,15 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
         let (mut a, mut q, mut f) = (Vec::new(), Vec::new(), Vec::new());
         let (mut aw, mut qw) = (Vec::new(), Vec::new());
         let (mut a_held, mut q_held) = (0u64, 0u64);
-        for _ in 0..updates {
-            let sa = {
-                let parked = qemu.vm.gate().quiesce();
-                let s = atomic.step(Strategy::Atomic)?;
-                drop(parked);
-                s
+        for round in 0..updates {
+            // Alternate who goes first, so neither strategy always follows the floor's step.
+            let (sa, sq) = if round % 2 == 0 {
+                let sa = measured(&mut atomic, &qemu, Strategy::Atomic)?;
+                (sa, measured(&mut qemu, &atomic, Strategy::Qemu)?)
+            } else {
+                let sq = measured(&mut qemu, &atomic, Strategy::Qemu)?;
+                (measured(&mut atomic, &qemu, Strategy::Atomic)?, sq)
             };
-            std::thread::sleep(SETTLE);
-            let sq = {
-                let parked = atomic.vm.gate().quiesce();
-                let s = qemu.step(Strategy::Qemu)?;
-                drop(parked);
-                s
-            };
-            std::thread::sleep(SETTLE);
             let sf = {
                 let p1 = atomic.vm.gate().quiesce();
                 let p2 = qemu.vm.gate().quiesce();
