@@ -127,6 +127,7 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
         let mut floor = Rig::new(kind, 2, false, seed)?;
         let (mut a, mut q, mut f) = (Vec::new(), Vec::new(), Vec::new());
         let (mut aw, mut qw) = (Vec::new(), Vec::new());
+        let (mut ai, mut qi) = (Vec::new(), Vec::new());
         let (mut a_held, mut q_held) = (0u64, 0u64);
         for round in 0..updates {
             // Alternate who goes first, so neither strategy always follows the floor's step.
@@ -148,6 +149,8 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
             a.extend(blackout_us(&sa));
             q.extend(blackout_us(&sq));
             f.extend(blackout_us(&sf));
+            ai.push(sa.quiesced_ioctls as f64);
+            qi.push(sq.quiesced_ioctls as f64);
             aw.extend(window_us(&sa));
             qw.extend(window_us(&sq));
             a_held += u64::from(sa.quiesce.is_some());
@@ -187,6 +190,13 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
             held_median(&mut aw),
             format!("blackout_after_parked_qemu_{name}"),
             held_median(&mut qw),
+        ));
+        out.push(Figure::new(
+            format!("quiesced_ioctls_atomic_vs_qemu_{name}"),
+            "calls",
+            median(&mut ai),
+            format!("quiesced_ioctls_qemu_{name}"),
+            median(&mut qi),
         ));
         out.push(Figure::new(
             format!("held_batches_atomic_vs_qemu_{name}"),
