@@ -1,11 +1,16 @@
 //! `memslots bench`: every figure beside a baseline measured in turns with it, in one process.
 
+mod blackout;
 mod harness;
 mod ioctl;
 mod machine;
+mod planner;
+mod soft;
 
 use std::error::Error;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -22,6 +27,30 @@ pub struct Args {
     /// Print the results as JSON on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Directory of committed QEMU traces (`*.log`).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/traces"))]
+    traces: PathBuf,
+    /// Run only these sections (ioctl, blackout, kick, soft, planner, traces); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// The committed traces in `dir`, sorted.
+fn trace_files(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// A trace's name in figure names: the file stem, `-` as `_`.
+fn trace_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().replace(['-', '.'], "_"))
+        .unwrap_or_default()
 }
 
 #[derive(Serialize)]
@@ -38,7 +67,25 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         machine.cpu, machine.kernel, machine.cores
     );
     let mut results = Vec::new();
-    results.extend(ioctl::run(args.quick).map_err(|e| format!("raw ioctl costs: {e}"))?);
+    let q = args.quick;
+    type Section<'a> = (
+        &'a str,
+        Box<dyn FnOnce() -> Result<Vec<Figure>, Box<dyn Error>> + 'a>,
+    );
+    let mut sections: Vec<Section> = vec![
+        ("ioctl", Box::new(|| ioctl::run(q))),
+        ("blackout", Box::new(|| blackout::workloads(q))),
+        ("kick", Box::new(|| blackout::kick_to_parked(q))),
+        ("soft", Box::new(|| soft::run(q))),
+        ("planner", Box::new(|| planner::run(q, &args.traces))),
+        ("traces", Box::new(|| blackout::traces(q, &args.traces))),
+    ];
+    sections.retain(|(what, _)| args.only.is_empty() || args.only.iter().any(|o| o == what));
+    for (what, section) in sections {
+        let t = Instant::now();
+        results.extend(section().map_err(|e| format!("{what}: {e}"))?);
+        eprintln!("section {what}: {:.1} s", t.elapsed().as_secs_f64());
+    }
     println!(
         "{:<36} {:>12} {:>6}  {:<36} {:>12} {:>8}",
         "figure", "median", "unit", "baseline", "median", "ratio"

@@ -1,0 +1,78 @@
+//! Criterion benches of the planner: a 32,764-slot change planned, and every committed QEMU trace
+//! replayed through it.
+
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use memslots::model::{Layout, Limits, SlotFlags};
+use memslots::planner::replay::replay;
+use memslots::planner::{plan, plan_with, CutPolicy, MemoryMap, Region};
+use memslots::trace::Trace;
+
+const HOST: u64 = 0x7f00_0000_0000;
+
+fn region(i: u64) -> Region {
+    Region {
+        address_space: 0,
+        gpa: i * 0x20_0000,
+        size: 0x10_0000,
+        host: HOST + i * 0x100_0000,
+        flags: SlotFlags::NONE,
+    }
+}
+
+fn planner(c: &mut Criterion) {
+    let n = u64::from(Limits::default().slots);
+    let full = MemoryMap::new((0..n).map(region).collect()).expect("valid map");
+    let empty = Layout::new(Limits::default());
+    c.bench_function("plan_empty_to_32764", |b| {
+        b.iter(|| black_box(plan_with(&empty, black_box(&full), &CutPolicy::x86_pc())))
+    });
+    let mut layout = empty.clone();
+    let boot = plan_with(&layout, &full, &CutPolicy::x86_pc()).expect("plans");
+    layout.apply_batch(&boot.slot_calls()).expect("valid");
+    // A quarter deleted, a quarter to dirty logging, a quarter moved, a quarter kept.
+    let target = MemoryMap::new(
+        (0..n)
+            .filter_map(|i| {
+                let r = region(i);
+                match i % 4 {
+                    0 => None,
+                    1 => Some(Region {
+                        flags: SlotFlags::LOG_DIRTY_PAGES,
+                        ..r
+                    }),
+                    2 => Some(Region {
+                        gpa: r.gpa + 0x10_0000,
+                        ..r
+                    }),
+                    _ => Some(r),
+                }
+            })
+            .collect(),
+    )
+    .expect("valid map");
+    c.bench_function("plan_32764", |b| {
+        b.iter(|| black_box(plan(&layout, black_box(&target)).expect("plans")))
+    });
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    paths.retain(|p: &std::path::PathBuf| p.extension().is_some_and(|x| x == "log"));
+    paths.sort();
+    for path in paths {
+        let trace = Trace::from_file(&path).expect("committed traces parse");
+        let name = path.file_stem().expect("a file").to_string_lossy();
+        c.bench_function(&format!("plan_trace_{name}"), |b| {
+            b.iter(|| {
+                black_box(replay(&trace, Limits::default(), &CutPolicy::default()).expect("plans"))
+            })
+        });
+    }
+}
+
+criterion_group!(benches, planner);
+criterion_main!(benches);
