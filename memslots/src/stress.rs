@@ -291,7 +291,134 @@ fn pick_probes(pages: &[(u64, u64)], limit: usize, must: &[(u64, u64)]) -> Vec<(
     out
 }
 
-/// Runs a stress test; `progress(done, total)` is called after every update.
+/// What one workload update did to the VM.
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    /// The batch was applied.
+    Applied(crate::kvm::ApplyStats),
+    /// A call failed (an injected fault) and the batch was rolled back whole.
+    RolledBack(crate::kvm::ApplyStats),
+}
+
+/// A test VM whose arena a workload keeps changing: what `memslots stress` and `memslots bench`
+/// drive.
+///
+/// The workload changes QEMU-style sections; [`Strategy::Atomic`] plans the VM's own slots toward
+/// the same mapping with the planner, the other strategies make the workload's calls as they are
+/// (what QEMU's listener issues). Two `WorkloadVm`s made with the same kind and seed get the same
+/// updates, whatever their strategies.
+pub struct WorkloadVm {
+    vm: TestVm,
+    workload: Workload,
+    sections: Layout,
+    arena: Arena,
+}
+
+impl std::fmt::Debug for WorkloadVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadVm")
+            .field("arena", &self.arena)
+            .field("sections", &self.sections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkloadVm {
+    /// A VM with `vcpus` vCPUs (not yet running) and the workload's first layout in place.
+    pub fn new(kind: WorkloadKind, vcpus: usize, seed: u64) -> Result<Self, StressError> {
+        let mut vm = TestVm::new(TestVmConfig::new(vcpus, kind.arena_size()))?;
+        let arena = Arena {
+            gpa: ARENA_GPA,
+            host: vm.arena_host(),
+            size: kind.arena_size(),
+            address_space: 0,
+            first_id: 1,
+        };
+        let workload = Workload::new(kind, arena, seed);
+        let initial: Vec<SlotCall> = workload
+            .initial_slots()
+            .iter()
+            .map(|s| s.set_call())
+            .collect();
+        vm.apply(&initial, Strategy::Atomic)
+            .map_err(StressError::Apply)?;
+        let sections = vm.layout().clone();
+        Ok(WorkloadVm {
+            vm,
+            workload,
+            sections,
+            arena,
+        })
+    }
+
+    /// Starts the vCPUs on the test guest, probing the workload's pages and executing from its
+    /// code range, if it has one.
+    pub fn start(&mut self) -> Result<(), StressError> {
+        let exec_ranges = self.workload.exec_ranges();
+        let probes = pick_probes(
+            &self.workload.probe_pages(),
+            crate::kvm::guest::ctl::MAX_PROBES,
+            &exec_ranges,
+        );
+        // The function lives half-way into the first overlay page, clear of the probes' dwords.
+        let exec = exec_ranges.first().map(|&(gpa, _)| {
+            (
+                gpa + 0x800,
+                self.arena.host + (gpa - self.arena.gpa) + 0x800,
+            )
+        });
+        self.vm.start(&probes, exec)?;
+        Ok(())
+    }
+
+    /// The workload's next update, applied with `strategy`.
+    pub fn step(&mut self, strategy: Strategy) -> Result<Step, StressError> {
+        let update = self
+            .workload
+            .next(&mut self.sections)
+            .map_err(StressError::Workload)?;
+        let mut after = self.sections.clone();
+        after
+            .apply_batch(update.batch.calls())
+            .map_err(|e| StressError::Workload(crate::model::PrimitiveError::Refused(e)))?;
+        let calls: Vec<SlotCall> = match strategy {
+            Strategy::Atomic => {
+                crate::planner::plan(self.vm.layout(), &MemoryMap::from_layout(&after))
+                    .map_err(StressError::Plan)?
+                    .calls
+                    .iter()
+                    .map(|p| p.call)
+                    .collect()
+            }
+            _ => update.batch.calls().to_vec(),
+        };
+        match self.vm.apply(&calls, strategy) {
+            Ok(stats) => {
+                self.sections = after;
+                Ok(Step::Applied(stats))
+            }
+            Err(ApplyError::RolledBack { stats, .. }) => Ok(Step::RolledBack(*stats)),
+            Err(e) => Err(StressError::Apply(e)),
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &TestVm {
+        &self.vm
+    }
+
+    /// The VM, mutably (to inject faults, harvest dirty logs).
+    pub fn vm_mut(&mut self) -> &mut TestVm {
+        &mut self.vm
+    }
+
+    /// The workload.
+    pub fn workload(&self) -> &Workload {
+        &self.workload
+    }
+}
+
+/// Runs `config`; `progress(done, total)` after each update.
 pub fn run(
     config: &StressConfig,
     mut progress: impl FnMut(u64, Option<u64>),
@@ -300,92 +427,44 @@ pub fn run(
         return Err(StressError::Unbounded);
     }
     let kind = config.workload;
-    let mut vm = TestVm::new(TestVmConfig::new(config.vcpus, kind.arena_size()))?;
-    let arena = Arena {
-        gpa: ARENA_GPA,
-        host: vm.arena_host(),
-        size: kind.arena_size(),
-        address_space: 0,
-        first_id: 1,
-    };
-    let mut workload = Workload::new(kind, arena, config.seed);
-    let initial: Vec<SlotCall> = workload
-        .initial_slots()
-        .iter()
-        .map(|s| s.set_call())
-        .collect();
-    vm.apply(&initial, Strategy::Atomic)
-        .map_err(StressError::Apply)?;
-    let mut sections = vm.layout().clone();
-    let exec_ranges = workload.exec_ranges();
-    let probes = pick_probes(
-        &workload.probe_pages(),
-        crate::kvm::guest::ctl::MAX_PROBES,
-        &exec_ranges,
-    );
-    // The function lives half-way into the first overlay page, clear of the probes' dwords.
-    let exec = exec_ranges
-        .first()
-        .map(|&(gpa, _)| (gpa + 0x800, arena.host + (gpa - arena.gpa) + 0x800));
-    vm.start(&probes, exec)?;
+    let mut run = WorkloadVm::new(kind, config.vcpus, config.seed)?;
+    run.start()?;
     if let Some(p) = config.inject_faults {
-        vm.inject_faults(Some(FaultInjector::Random {
+        run.vm_mut().inject_faults(Some(FaultInjector::Random {
             p,
             rng: SplitMix64::new(config.seed ^ 0xfa17),
         }));
     }
-    let mut dirty = DirtyCheck::new(workload.dirty_host_ranges());
-    dirty.harvest(&mut vm);
+    let mut dirty = DirtyCheck::new(run.workload().dirty_host_ranges());
+    dirty.harvest(run.vm_mut());
 
     let started = Instant::now();
-    let mut tally = Tally::new(&vm);
+    let mut tally = Tally::new(run.vm());
     loop {
         if config.updates.is_some_and(|n| tally.updates >= n)
             || config.duration.is_some_and(|d| started.elapsed() >= d)
         {
             break;
         }
-        // The workload changes QEMU-style sections (`sections`); `atomic` plans the VM's own
-        // slots toward the same mapping, the others make the workload's calls as they are.
-        let update = workload
-            .next(&mut sections)
-            .map_err(StressError::Workload)?;
-        let mut after = sections.clone();
-        after
-            .apply_batch(update.batch.calls())
-            .map_err(|e| StressError::Workload(crate::model::PrimitiveError::Refused(e)))?;
-        let calls: Vec<SlotCall> = match config.strategy {
-            Strategy::Atomic => crate::planner::plan(vm.layout(), &MemoryMap::from_layout(&after))
-                .map_err(StressError::Plan)?
-                .calls
-                .iter()
-                .map(|p| p.call)
-                .collect(),
-            _ => update.batch.calls().to_vec(),
-        };
-        match vm.apply(&calls, config.strategy) {
-            Ok(stats) => {
-                tally.record(&stats, true);
-                sections = after;
-            }
-            Err(ApplyError::RolledBack { stats, .. }) => tally.record(&stats, false),
-            Err(e) => return Err(StressError::Apply(e)),
+        match run.step(config.strategy)? {
+            Step::Applied(stats) => tally.record(&stats, true),
+            Step::RolledBack(stats) => tally.record(&stats, false),
         }
-        dirty.after_update(vm.layout());
-        dirty.harvest(&mut vm);
+        dirty.after_update(run.vm().layout());
+        dirty.harvest(run.vm_mut());
         progress(tally.updates, config.updates);
         // Let the guest run over the new layout before the next change.
         std::thread::sleep(Duration::from_micros(200));
     }
     let report = tally.report(
-        &vm,
+        run.vm(),
         config.strategy,
         kind.name().to_owned(),
         config.vcpus,
         dirty.lost,
         None,
     );
-    drop(vm);
+    drop(run);
     Ok(report)
 }
 

@@ -14,10 +14,9 @@ use std::error::Error;
 use std::path::Path;
 use std::time::Duration;
 
-use memslots::kvm::{ApplyStats, Strategy, TestVm, TestVmConfig};
-use memslots::model::SlotCall;
-use memslots::stress::{self, ReplayConfig, ARENA_GPA};
-use memslots::workload::{Arena, Workload, WorkloadKind};
+use memslots::kvm::{ApplyStats, Strategy};
+use memslots::stress::{self, ReplayConfig, Step, WorkloadVm};
+use memslots::workload::WorkloadKind;
 
 use super::harness::{interleave, median, quantile, Figure};
 
@@ -26,66 +25,25 @@ const SETTLE: Duration = Duration::from_micros(200);
 
 /// A VM set up for `kind` and its workload; vCPUs started if `run`.
 struct Rig {
-    vm: TestVm,
-    workload: Workload,
+    vm: WorkloadVm,
 }
 
 impl Rig {
     fn new(kind: WorkloadKind, vcpus: usize, run: bool, seed: u64) -> Result<Self, Box<dyn Error>> {
-        let mut vm = TestVm::new(TestVmConfig::new(vcpus, kind.arena_size()))?;
-        let arena = Arena {
-            gpa: ARENA_GPA,
-            host: vm.arena_host(),
-            size: kind.arena_size(),
-            address_space: 0,
-            first_id: 1,
-        };
-        let workload = Workload::new(kind, arena, seed);
-        let initial: Vec<SlotCall> = workload
-            .initial_slots()
-            .iter()
-            .map(|s| s.set_call())
-            .collect();
-        vm.apply(&initial, Strategy::Atomic)?;
+        let mut vm = WorkloadVm::new(kind, vcpus, seed)?;
         if run {
-            let exec_ranges = workload.exec_ranges();
-            let probes = pick_probes(
-                &workload.probe_pages(),
-                memslots::kvm::guest::ctl::MAX_PROBES,
-                &exec_ranges,
-            );
-            let exec = exec_ranges
-                .first()
-                .map(|&(gpa, _)| (gpa + 0x800, arena.host + (gpa - arena.gpa) + 0x800));
-            vm.start(&probes, exec)?;
+            vm.start()?;
         }
-        Ok(Rig { vm, workload })
+        Ok(Rig { vm })
     }
 
-    /// The workload's next update, applied with `strategy`.
+    /// The workload's next update, applied with `strategy` as `memslots stress` applies it.
     fn step(&mut self, strategy: Strategy) -> Result<ApplyStats, Box<dyn Error>> {
-        let mut scratch = self.vm.layout().clone();
-        let update = self.workload.next(&mut scratch)?;
-        Ok(self.vm.apply(update.batch.calls(), strategy)?)
-    }
-}
-
-/// Probes spread over `pages`, keeping every `must` page (the guest's code), at most `limit`.
-fn pick_probes(pages: &[(u64, u64)], limit: usize, must: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let stride = pages
-        .len()
-        .div_ceil(limit.saturating_sub(must.len()).max(1))
-        .max(1);
-    let mut out: Vec<(u64, u64)> = pages.iter().step_by(stride).copied().collect();
-    for &(s, e) in must {
-        for p in pages.iter().filter(|p| p.0 >= s && p.0 < e) {
-            if !out.contains(p) {
-                out.push(*p);
-            }
+        match self.vm.step(strategy)? {
+            Step::Applied(stats) => Ok(stats),
+            Step::RolledBack(_) => Err("a batch rolled back with no fault injected".into()),
         }
     }
-    out.truncate(limit);
-    out
 }
 
 fn blackout_us(s: &ApplyStats) -> Option<f64> {
@@ -109,7 +67,7 @@ fn held_median(xs: &mut [f64]) -> f64 {
 
 /// One update on `me` with `other`'s vCPUs parked, then time for `me`'s guest to run.
 fn measured(me: &mut Rig, other: &Rig, strategy: Strategy) -> Result<ApplyStats, Box<dyn Error>> {
-    let parked = other.vm.gate().quiesce();
+    let parked = other.vm.vm().gate().quiesce();
     let s = me.step(strategy);
     drop(parked);
     std::thread::sleep(SETTLE);
@@ -125,7 +83,10 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
         let mut atomic = Rig::new(kind, 2, true, seed)?;
         let mut qemu = Rig::new(kind, 2, true, seed)?;
         let mut floor = Rig::new(kind, 2, false, seed)?;
+        // Per batch, 0 for a batch that held nobody (the `blackout_us` of `memslots stress`).
         let (mut a, mut q, mut f) = (Vec::new(), Vec::new(), Vec::new());
+        // Only the batches that held someone.
+        let (mut ah, mut qh, mut fh) = (Vec::new(), Vec::new(), Vec::new());
         let (mut aw, mut qw) = (Vec::new(), Vec::new());
         let (mut ai, mut qi) = (Vec::new(), Vec::new());
         let (mut a_held, mut q_held) = (0u64, 0u64);
@@ -139,16 +100,21 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
                 (measured(&mut atomic, &qemu, Strategy::Atomic)?, sq)
             };
             let sf = {
-                let p1 = atomic.vm.gate().quiesce();
-                let p2 = qemu.vm.gate().quiesce();
+                let p1 = atomic.vm.vm().gate().quiesce();
+                let p2 = qemu.vm.vm().gate().quiesce();
                 let s = floor.step(Strategy::Atomic)?;
                 drop((p1, p2));
                 s
             };
             std::thread::sleep(SETTLE);
-            a.extend(blackout_us(&sa));
-            q.extend(blackout_us(&sq));
-            f.extend(blackout_us(&sf));
+            for (all, held, stats) in [
+                (&mut a, &mut ah, &sa),
+                (&mut q, &mut qh, &sq),
+                (&mut f, &mut fh, &sf),
+            ] {
+                all.push(blackout_us(stats).unwrap_or(0.0));
+                held.extend(blackout_us(stats));
+            }
             ai.push(sa.quiesced_ioctls as f64);
             qi.push(sq.quiesced_ioctls as f64);
             aw.extend(window_us(&sa));
@@ -157,7 +123,7 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
             q_held += u64::from(sq.quiesce.is_some());
         }
         for (rig, what) in [(&atomic, "atomic"), (&qemu, "qemu")] {
-            let g = rig.vm.guest_stats();
+            let g = rig.vm.vm().guest_stats();
             if g.spurious_exits + g.internal_errors + g.data_errors > 0 {
                 eprintln!(
                     "note: {what} on {}: {} spurious exits, {} internal errors, {} data errors",
@@ -169,6 +135,8 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
             }
         }
         let name = kind.name();
+        let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+        let (a_mean, q_mean, f_mean) = (mean(&a), mean(&q), mean(&f));
         let am = held_median(&mut a);
         out.push(Figure::new(
             format!("blackout_atomic_vs_qemu_{name}"),
@@ -184,6 +152,37 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
             format!("blackout_floor_{name}"),
             held_median(&mut f),
         ));
+        // The median hides the batches that held nobody: the mean per batch is the guest's total
+        // freeze divided by the updates.
+        out.push(Figure::new(
+            format!("blackout_mean_atomic_vs_qemu_{name}"),
+            "us",
+            a_mean,
+            format!("blackout_mean_qemu_{name}"),
+            q_mean,
+        ));
+        out.push(Figure::new(
+            format!("blackout_mean_atomic_vs_floor_{name}"),
+            "us",
+            a_mean,
+            format!("blackout_mean_floor_{name}"),
+            f_mean,
+        ));
+        let ahm = held_median(&mut ah);
+        out.push(Figure::new(
+            format!("blackout_held_atomic_vs_qemu_{name}"),
+            "us",
+            ahm,
+            format!("blackout_held_qemu_{name}"),
+            held_median(&mut qh),
+        ));
+        out.push(Figure::new(
+            format!("blackout_held_atomic_vs_floor_{name}"),
+            "us",
+            ahm,
+            format!("blackout_held_floor_{name}"),
+            held_median(&mut fh),
+        ));
         let awm = held_median(&mut aw);
         out.push(Figure::new(
             format!("blackout_after_parked_atomic_vs_qemu_{name}"),
@@ -198,8 +197,8 @@ pub fn workloads(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
             format!("blackout_after_parked_atomic_vs_floor_{name}"),
             "us",
             awm,
-            format!("blackout_floor_{name}"),
-            held_median(&mut f),
+            format!("blackout_held_floor_{name}"),
+            held_median(&mut fh),
         ));
         out.push(Figure::new(
             format!("quiesced_ioctls_atomic_vs_qemu_{name}"),
@@ -266,7 +265,7 @@ pub fn kick_to_parked(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
     for n in [1usize, 2, 4] {
         let running = Rig::new(WorkloadKind::Pam, n, true, 1)?;
         let time = |rig: &Rig| {
-            let t = rig.vm.gate().quiesce().resume();
+            let t = rig.vm.vm().gate().quiesce().resume();
             std::thread::sleep(SETTLE);
             t.kick_to_parked.as_secs_f64() * 1e6
         };

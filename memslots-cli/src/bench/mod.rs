@@ -86,13 +86,19 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         results.extend(section().map_err(|e| format!("{what}: {e}"))?);
         eprintln!("section {what}: {:.1} s", t.elapsed().as_secs_f64());
     }
+    let w = results.iter().map(|f| f.name.len()).max().unwrap_or(6);
+    let bw = results
+        .iter()
+        .map(|f| f.baseline_name.len())
+        .max()
+        .unwrap_or(8);
     println!(
-        "{:<36} {:>12} {:>6}  {:<36} {:>12} {:>8}",
+        "{:<w$} {:>12} {:>6}  {:<bw$} {:>12} {:>8}",
         "figure", "median", "unit", "baseline", "median", "ratio"
     );
     for f in &results {
         println!(
-            "{:<36} {:>12.2} {:>6}  {:<36} {:>12.2} {:>8.2}",
+            "{:<w$} {:>12.2} {:>6}  {:<bw$} {:>12.2} {:>8.2}",
             f.name, f.value, f.unit, f.baseline_name, f.baseline_value, f.ratio
         );
     }
