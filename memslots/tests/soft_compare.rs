@@ -195,3 +195,45 @@ fn pam_split_lowers_to_split_and_shrink() {
     }
     assert_eq!(m.layout(), &after);
 }
+
+/// With the planner's batch (which keeps slot ids where the mapping stays), the native primitives
+/// zap at most what that batch zaps, and the batch at most what QEMU's calls zap: the order the
+/// proposal claims, on every committed trace.
+#[test]
+fn with_the_planner_primitives_zap_least() {
+    use memslots::planner::{plan, MemoryMap};
+    let options = CompareOptions {
+        readers: 0,
+        prefault_pages: 1 << 12,
+    };
+    for path in traces() {
+        let trace = Trace::from_file(&path).unwrap();
+        let summed = compare_trace(
+            &trace,
+            Limits::default(),
+            |layout, calls| {
+                let mut after = layout.clone();
+                after.apply_batch(calls).unwrap();
+                plan(layout, &MemoryMap::from_layout(&after))
+                    .unwrap()
+                    .batch()
+            },
+            &options,
+        )
+        .unwrap();
+        assert!(summed.planned_matches && summed.native_matches, "{path:?}");
+        let (q, p, n) = (
+            summed.qemu.zapped_pages,
+            summed.planned.zapped_pages,
+            summed.native.zapped_pages,
+        );
+        assert!(
+            n <= p && p <= q,
+            "{path:?}: qemu {q} planned {p} native {n}"
+        );
+        eprintln!(
+            "{}: zapped qemu {q} planned {p} native {n}",
+            path.file_name().unwrap().to_string_lossy()
+        );
+    }
+}

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::memory::{SoftError, SoftMemory};
 use super::reader::Access;
 use crate::model::{Batch, Layout, Primitive, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
+use crate::planner::MemoryMap;
 
 /// One step of a change in native form: a primitive, or a batch for what no primitive expresses.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
@@ -50,9 +51,9 @@ pub struct CommitComparison {
     pub native: WayReport,
     /// The native steps used.
     pub native_steps: Vec<NativeStep>,
-    /// Whether the planned batch ends in the same layout as QEMU's calls.
+    /// Whether the planned batch ends in the guest mapping QEMU's calls make.
     pub planned_matches: bool,
-    /// Whether the native steps end in the same layout as QEMU's calls (they always should).
+    /// Whether the native steps end in the planned batch's layout (they always should).
     pub native_matches: bool,
 }
 
@@ -365,8 +366,8 @@ fn run_way(
 }
 
 /// Runs one commit three ways on fresh soft memory states built from `before`: (a) `qemu_calls`
-/// as one-call batches, (b) `planned` through the atomic list algorithm, (c) the change QEMU's
-/// calls make, lowered to native primitives by [`native_steps`].
+/// as one-call batches, (b) `planned` through the atomic list algorithm, (c) the planned change
+/// lowered to native primitives by [`native_steps`].
 ///
 /// Fails if the model refuses QEMU's calls or the planned batch.
 pub fn compare_commit(
@@ -377,7 +378,13 @@ pub fn compare_commit(
 ) -> Result<CommitComparison, SoftError> {
     let mut after = before.clone();
     after.apply_batch(qemu_calls).map_err(SoftError::Refused)?;
-    let steps = native_steps(before, &after);
+    // The primitives lower the planner's change, not QEMU's: QEMU renumbers slots it re-creates,
+    // and a primitive only applies to a slot that keeps its id.
+    let mut planned_after = before.clone();
+    planned_after
+        .apply_batch(planned.calls())
+        .map_err(SoftError::Refused)?;
+    let steps = native_steps(before, &planned_after);
     let mut touched = pages(before, options.prefault_pages);
     touched.extend(pages(&after, options.prefault_pages));
 
@@ -405,8 +412,8 @@ pub fn compare_commit(
         planned: planned_report,
         native,
         native_steps: steps,
-        planned_matches: planned_layout == after,
-        native_matches: native_layout == after,
+        planned_matches: MemoryMap::from_layout(&planned_layout) == MemoryMap::from_layout(&after),
+        native_matches: native_layout == planned_after,
     })
 }
 
