@@ -35,6 +35,40 @@ fn stress_json_has_the_contract_fields_and_atomic_is_clean() {
 }
 
 #[test]
+fn injected_faults_roll_back_and_the_guest_stays_clean() {
+    if !kvm_usable("the live stress runs") {
+        return;
+    }
+    let out = memslots(&[
+        "stress",
+        "--updates",
+        "300",
+        "--inject-faults",
+        "0.2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = last_json(&out);
+    // 300 batches of at least one call at p = 0.2: a run with no fault is all but impossible.
+    assert!(j["rollbacks"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(j["updates"], 300);
+    for f in [
+        "spurious_exits",
+        "internal_errors",
+        "data_errors",
+        "lost_dirty_pages",
+    ] {
+        assert_eq!(j[f], 0, "{f}: {j}");
+    }
+    let (start, end) = (j["rss_kib_start"].as_u64(), j["rss_kib_end"].as_u64());
+    assert!(start.unwrap() > 0 && end.unwrap() >= start.unwrap(), "{j}");
+}
+
+#[test]
 fn naive_pam_reproduces_the_bug_and_still_exits_0() {
     if !kvm_usable("the live stress runs") {
         return;
