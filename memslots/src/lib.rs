@@ -5,12 +5,14 @@
 //! - [`planner`]: guest memory maps planned into safe slot batches; QEMU traces compared.
 //! - [`kvm`]: the real `/dev/kvm` backend: vCPU gate, test guest, atomic apply.
 //! - [`soft`]: the userspace backend: the atomic list algorithm and native primitives, measured.
+//! - [`backend`]: the interface both backends offer ([`backend::SlotBackend`]).
 //! - [`trace`]: QEMU `kvm_set_user_memory` traces.
 //! - [`stats`]: constant-memory duration percentiles.
 //! - [`workload`], [`stress`]: the layout changes `memslots stress` and `replay` run.
 //! - [`conformance`]: the model held against the running kernel.
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod conformance;
 pub mod kvm;
 pub mod model;
