@@ -21,3 +21,38 @@ pub fn json_line<T: Serialize>(value: &T) -> Result<(), Box<dyn Error>> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
 }
+
+/// A progress bar on stderr, shown only when stderr is a terminal (never in pipes or CI logs).
+pub struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    /// A bar of `total` steps (a spinner when unknown), labelled `message`.
+    pub fn new(total: Option<u64>, message: String) -> Self {
+        use std::io::IsTerminal;
+        Progress(std::io::stderr().is_terminal().then(|| {
+            let bar = match total {
+                Some(n) => indicatif::ProgressBar::new(n),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            bar.set_message(message);
+            bar
+        }))
+    }
+
+    /// `done` steps of `total` (when the total becomes known on the way).
+    pub fn set(&self, done: u64, total: Option<u64>) {
+        if let Some(bar) = &self.0 {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(done);
+        }
+    }
+
+    /// Removes the bar before the summary is printed.
+    pub fn finish(self) {
+        if let Some(bar) = self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,7 +1,6 @@
 //! `memslots replay TRACE`: a QEMU trace's commits replayed on a running test guest.
 
 use std::error::Error;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,7 +10,7 @@ use memslots::soft::replay::SoftReplayConfig;
 use memslots::stress::{replay, ReplayConfig};
 use memslots::trace::Trace;
 
-use crate::output::json_line;
+use crate::output::{json_line, Progress};
 use crate::stress::{print_summary, require_kvm, BackendArg, StrategyArg};
 
 /// Arguments of `memslots replay`.
@@ -61,20 +60,9 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         seed: args.seed,
         inject_faults: crate::stress::probability(args.inject_faults)?,
     };
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(indicatif::ProgressBar::no_length);
-    let report = replay(&trace, &name, &config, |done, total| {
-        if let Some(bar) = &bar {
-            if let Some(t) = total {
-                bar.set_length(t);
-            }
-            bar.set_position(done);
-        }
-    })?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let bar = Progress::new(None, format!("{name} / {}", config.strategy.name()));
+    let report = replay(&trace, &name, &config, |done, total| bar.set(done, total))?;
+    bar.finish();
     print_summary(&report);
     println!(
         "  {:<28} {}",
@@ -103,20 +91,10 @@ fn run_soft(args: &Args, trace: &Trace, name: &str) -> Result<ExitCode, Box<dyn 
         readers: usize::from(args.vcpus),
         prefault_pages: CompareOptions::default().prefault_pages,
     };
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(indicatif::ProgressBar::no_length);
-    let soft = memslots::soft::replay::replay(trace, name, &config, |done, total| {
-        if let Some(bar) = &bar {
-            if let Some(t) = total {
-                bar.set_length(t);
-            }
-            bar.set_position(done);
-        }
-    })?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let bar = Progress::new(None, format!("{name} / soft"));
+    let soft =
+        memslots::soft::replay::replay(trace, name, &config, |done, total| bar.set(done, total))?;
+    bar.finish();
     print_summary(&soft.report);
     println!(
         "  {:<28} {}",

@@ -2,7 +2,6 @@
 //! every detector counting.
 
 use std::error::Error;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use memslots::kvm::Strategy;
 use memslots::stress::{run, StressConfig, StressReport};
 use memslots::workload::WorkloadKind;
 
-use crate::output::json_line;
+use crate::output::{json_line, Progress};
 
 /// `--strategy`.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -127,19 +126,11 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         seed: args.seed,
         inject_faults,
     };
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = match config.updates {
-            Some(n) => indicatif::ProgressBar::new(n),
-            None => indicatif::ProgressBar::new_spinner(),
-        };
-        bar.set_message(format!("{} / {}", config.workload, config.strategy.name()));
-        bar
-    });
-    let on_progress = |done, _| {
-        if let Some(bar) = &bar {
-            bar.set_position(done);
-        }
-    };
+    let bar = Progress::new(
+        config.updates,
+        format!("{} / {}", config.workload, config.strategy.name()),
+    );
+    let on_progress = |done, _| bar.set(done, None);
     let (report, soft) = match args.backend {
         BackendArg::Kvm => (run(&config, on_progress)?, None),
         BackendArg::Soft => {
@@ -147,9 +138,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             (soft.report.clone(), Some(soft))
         }
     };
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    bar.finish();
     print_summary(&report);
     if let Some(soft) = soft {
         println!("  {:<28} {}", "SPTE faults", soft.spte.faults);

@@ -299,7 +299,7 @@ impl SlotUpdater {
                 }
                 w
             }
-            Strategy::Qemu if qemu_inhibits(&done) => 0..calls.len(),
+            Strategy::Qemu if crate::planner::replay::qemu_inhibits(&done) => 0..calls.len(),
             _ => 0..0,
         };
         // Atomic: a first collection with vCPUs running keeps the one inside the hold short.
@@ -453,21 +453,4 @@ pub fn qemu_batch(before: &Layout, after: &Layout) -> Vec<SlotCall> {
         }
     }
     deletes.into_iter().chain(flags).chain(creates).collect()
-}
-
-/// QEMU 8.0 holds every vCPU out when a range the commit deletes overlaps one it adds.
-fn qemu_inhibits(done: &[Applied]) -> bool {
-    let removed: Vec<Slot> = done
-        .iter()
-        .filter(|a| a.change == Change::Delete)
-        .filter_map(|a| a.before)
-        .collect();
-    done.iter()
-        .filter(|a| a.change == Change::Create)
-        .filter_map(|a| a.after)
-        .any(|n| {
-            removed.iter().any(|r| {
-                r.id.address_space == n.id.address_space && r.gpa < n.end() && n.gpa < r.end()
-            })
-        })
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::map::MemoryMap;
 use super::plan::{plan_with, Plan, PlanError};
 use super::policy::CutPolicy;
-use crate::model::{Change, Layout, Limits, Rule, SlotCall};
+use crate::model::{Applied, Change, Layout, Limits, Rule, SlotCall};
 use crate::trace::Trace;
 
 /// What QEMU's own calls cost in one commit (or a whole trace).
@@ -77,14 +77,33 @@ pub enum ReplayError {
     },
 }
 
+/// QEMU 8.0's rule: a commit holds every vCPU out when a range it removes (DELETE, or a MOVE's old
+/// range) overlaps one it adds (CREATE, or a MOVE's new range). `done` is the commit's calls as
+/// the model applied them.
+pub fn qemu_inhibits(done: &[Applied]) -> bool {
+    let mut removed = Vec::new();
+    let mut added = Vec::new();
+    for a in done {
+        if a.change.zaps() {
+            removed.extend(a.before);
+        }
+        if matches!(a.change, Change::Create | Change::Move) {
+            added.extend(a.after);
+        }
+    }
+    removed.iter().any(|r| {
+        added
+            .iter()
+            .any(|n| r.id.address_space == n.id.address_space && r.gpa < n.end() && n.gpa < r.end())
+    })
+}
+
 /// Rebuilds QEMU's commits (see [`Trace::commits`]) and the mapping after each.
 pub fn qemu_commits(trace: &Trace, limits: Limits) -> Result<Vec<QemuCommit>, ReplayError> {
     let mut layout = Layout::new(limits);
     let mut out = Vec::new();
     for range in trace.commits() {
-        let mut deleted = Vec::new();
-        let mut added = Vec::new();
-        let mut zapped = 0;
+        let mut done = Vec::new();
         for tc in &trace.calls[range.clone()] {
             if !tc.accepted() {
                 continue;
@@ -96,19 +115,15 @@ pub fn qemu_commits(trace: &Trace, limits: Limits) -> Result<Vec<QemuCommit>, Re
                     call: tc.call,
                     rule,
                 })?;
-            if applied.change.zaps() {
-                let old = applied.before.expect("a delete or move has an old slot");
-                zapped += old.size;
-                deleted.push((old.id.address_space, old.gpa, old.end()));
-            }
-            if matches!(applied.change, Change::Create | Change::Move) {
-                let new = applied.after.expect("a create or move has a new slot");
-                added.push((new.id.address_space, new.gpa, new.end()));
-            }
+            done.push(applied);
         }
-        let overlap = deleted
+        let zapped: u64 = done
             .iter()
-            .any(|d| added.iter().any(|a| a.0 == d.0 && a.1 < d.2 && d.1 < a.2));
+            .filter(|a| a.change.zaps())
+            .filter_map(|a| a.before)
+            .map(|old| old.size)
+            .sum();
+        let overlap = qemu_inhibits(&done);
         out.push(QemuCommit {
             first_line: trace.calls[range.start].line,
             last_line: trace.calls[range.end - 1].line,

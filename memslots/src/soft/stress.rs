@@ -17,7 +17,7 @@ use super::reader::Access;
 use super::spte::SpteCounters;
 use crate::conformance::SplitMix64;
 use crate::kvm::Strategy;
-use crate::model::{Change, Layout, Limits, Slot, SlotCall};
+use crate::model::{Layout, Limits, SlotCall};
 use crate::stats::{Micros, Samples};
 use crate::stress::{StressConfig, StressReport, ARENA_GPA};
 use crate::workload::{Arena, Workload};
@@ -83,25 +83,13 @@ fn host_at(layout: &Layout, space: u16, gpa: u64) -> u64 {
     layout.find(space, gpa).map_or(UNMAPPED, |s| s.host_of(gpa))
 }
 
-/// Whether QEMU 8.0 would hold vCPUs out: a range the update deletes overlaps one it creates.
+/// Whether QEMU 8.0 would hold vCPUs out for `calls` on `before`
+/// ([`qemu_inhibits`](crate::planner::replay::qemu_inhibits)); false for calls the model refuses.
 pub fn qemu_inhibits(before: &Layout, calls: &[SlotCall]) -> bool {
     let mut scratch = before.clone();
-    let Ok(done) = scratch.check_batch(calls) else {
-        return false;
-    };
-    let removed: Vec<Slot> = done
-        .iter()
-        .filter(|a| a.change == Change::Delete)
-        .filter_map(|a| a.before)
-        .collect();
-    done.iter()
-        .filter(|a| a.change == Change::Create)
-        .filter_map(|a| a.after)
-        .any(|n| {
-            removed.iter().any(|r| {
-                r.id.address_space == n.id.address_space && r.gpa < n.end() && n.gpa < r.end()
-            })
-        })
+    scratch
+        .check_batch(calls)
+        .is_ok_and(|done| crate::planner::replay::qemu_inhibits(&done))
 }
 
 /// One reader thread: reads probe pages round-robin until told to stop.
