@@ -7,7 +7,10 @@
 //! at the end of a round calls a function in a re-slotted range (when the host names one) and
 //! reports the round through port I/O. When an access exits as MMIO, the host sets `skipped` in
 //! the control block before the vCPU resumes, so the guest neither checks the value read nor
-//! records the value written.
+//! records the value written. Every probe read is also stored in the control block
+//! ([`ctl::READS`]), MMIO answer ([`MMIO_READ_VALUE`]) included, so the host can see what the
+//! guest saw; a *read-only* probe ([`ctl::READ_ONLY`] in its cell) is only read and recorded,
+//! never checked or written.
 
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
@@ -43,13 +46,21 @@ pub mod ctl {
     pub const PHASE: u64 = 0x18;
     /// Probes: `[gpa: u32, cell: u32]` each.
     pub const PROBES: u64 = 0x20;
+    /// Set in a probe's cell: the probe is only read (and the value recorded), never checked or
+    /// written.
+    pub const READ_ONLY: u32 = 0x8000_0000;
+    /// What each probe's last read returned (u32 per probe, by index).
+    pub const READS: u64 = 0x2000;
     /// Expected value per cell (u32 each).
-    pub const EXPECTED: u64 = 0x2000;
+    pub const EXPECTED: u64 = 0x3000;
     /// Most probes a control block holds.
-    pub const MAX_PROBES: usize = ((EXPECTED - PROBES) / 8) as usize;
+    pub const MAX_PROBES: usize = ((READS - PROBES) / 8) as usize;
     /// Most cells.
     pub const MAX_CELLS: usize = ((super::CTL_SIZE - 0x1000 - EXPECTED) / 4) as usize;
 }
+
+// Every probe has its slot in `READS`, and `READS` ends before `EXPECTED`.
+const _: () = assert!(ctl::READS + ctl::MAX_PROBES as u64 * 4 <= ctl::EXPECTED);
 
 /// Ports the guest reports on.
 pub mod port {
@@ -60,6 +71,9 @@ pub mod port {
     /// The function in the re-slotted range returned the wrong value.
     pub const EXEC_ERROR: u16 = 0x12;
 }
+
+/// What a guest read that exits as MMIO returns: the host answers every byte with `0xff`.
+pub const MMIO_READ_VALUE: u32 = 0xffff_ffff;
 
 /// What the function at [`ctl::EXEC`] returns.
 pub const EXEC_MAGIC: u32 = 0x600d_c0de;
@@ -111,6 +125,10 @@ pub fn code(base: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(c(ctl::PHASE), 1)?;
     a.mov(c(ctl::SKIPPED), 0)?;
     a.mov(eax, dword_ptr(edi + ebp))?;
+    a.mov(dword_ptr(ebx + esi * 4 + ctl::READS as i32), eax)?;
+    // A read-only probe stops here.
+    a.test(edx, edx)?;
+    a.js(skip)?;
     a.cmp(c(ctl::SKIPPED), 0)?;
     a.jne(write)?;
     a.cmp(eax, dword_ptr(ebx + edx * 4 + ctl::EXPECTED as i32))?;

@@ -145,8 +145,9 @@ impl Backing {
     }
 }
 
-/// Every backing of one VM. Backings live as long as the VM: memory is never unmapped while a
-/// slot or a device-side snapshot could still point into it.
+/// Every backing of one VM: the memory slots may be created over. A backing is unmapped when
+/// the last `Arc` to it goes; the [`SlotTable`](super::SlotTable) holds one for every slot it
+/// made over it, so dropping a `HostMemory` never unmaps memory a KVM slot still refers to.
 #[derive(Debug, Default)]
 pub struct HostMemory {
     backings: Vec<std::sync::Arc<Backing>>,
@@ -161,11 +162,8 @@ impl HostMemory {
     }
 
     /// The backing holding all of `[host, host + size)`.
-    pub fn owner(&self, host: u64, size: u64) -> Option<&Backing> {
-        self.backings
-            .iter()
-            .map(|b| &**b)
-            .find(|b| b.holds(host, size.max(1)))
+    pub fn owner(&self, host: u64, size: u64) -> Option<&std::sync::Arc<Backing>> {
+        self.backings.iter().find(|b| b.holds(host, size.max(1)))
     }
 
     /// The backing holding `host`, with its index.

@@ -23,7 +23,7 @@ pub use dirty::DirtyLog;
 pub use gate::{GateVcpu, QuiesceTimes, Quiesced, VcpuGate};
 pub use memory::{Backing, HostMemory, MemoryError, HUGE_PAGE};
 pub use slots::{FaultInjector, SlotCallError, SlotTable};
-pub use testvm::{TestVm, TestVmConfig, TestVmError};
+pub use testvm::{Probe, TestVm, TestVmConfig, TestVmError};
 pub use updater::{
     qemu_batch, ApplyError, ApplyPrimitiveError, ApplyStats, SlotUpdater, Strategy, UpdateObserver,
 };

@@ -1,12 +1,13 @@
 //! The one place every slot call goes through: the model first, then the kernel, then the model's
 //! layout, so the library's [`Layout`] equals the kernel's at all times. Fault injection lives here.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::conformance::SplitMix64;
 use crate::model::{Applied, Layout, Rule, SlotCall};
 
-use super::memory::HostMemory;
+use super::memory::{Backing, HostMemory};
 use super::vm::Vm;
 
 /// Why a slot call did not happen.
@@ -82,12 +83,32 @@ impl FaultInjector {
 }
 
 /// The VM's slots: the kernel's and the model's, kept equal.
+///
+/// Every slot holds the backing it maps (an `Arc`), so its memory stays mapped as long as the
+/// kernel's slot exists, whatever happens to the [`HostMemory`] it was made from. Dropping the
+/// table deletes its slots from the kernel (the VM may outlive it: a vCPU fd keeps it alive) and
+/// only then lets go of the memory; if a delete fails, that memory is leaked, never unmapped.
 #[derive(Debug)]
 pub struct SlotTable {
     vm: Arc<Vm>,
     layout: Layout,
+    held: BTreeMap<u32, Arc<Backing>>,
     injector: Option<FaultInjector>,
     ioctls: u64,
+}
+
+impl Drop for SlotTable {
+    fn drop(&mut self) {
+        let mut failed = false;
+        for slot in self.layout.slots() {
+            // SAFETY: a delete maps nothing.
+            failed |= unsafe { self.vm.set_region(&slot.delete_call()) }.is_err();
+        }
+        if failed {
+            // Some slot may still point into its backing: keep all of them mapped for good.
+            std::mem::forget(std::mem::take(&mut self.held));
+        }
+    }
 }
 
 impl SlotTable {
@@ -97,6 +118,7 @@ impl SlotTable {
         SlotTable {
             vm,
             layout,
+            held: BTreeMap::new(),
             injector: None,
             ioctls: 0,
         }
@@ -145,9 +167,16 @@ impl SlotTable {
         self.layout
             .check(call)
             .map_err(|rule| SlotCallError::Refused { call: *call, rule })?;
-        if !call.is_delete() && memory.owner(call.host, call.size).is_none() {
-            return Err(SlotCallError::NotOwned { call: *call });
-        }
+        let owner = if call.is_delete() {
+            None
+        } else {
+            let owner = memory.owner(call.host, call.size);
+            Some(
+                owner
+                    .ok_or(SlotCallError::NotOwned { call: *call })?
+                    .clone(),
+            )
+        };
         if injectable {
             if let Some(errno) = self.injector.as_mut().and_then(FaultInjector::fire) {
                 return Err(SlotCallError::Kernel {
@@ -158,13 +187,18 @@ impl SlotTable {
             }
         }
         self.ioctls += 1;
-        // SAFETY: a non-delete call maps memory inside a backing of `memory` (checked above), and
-        // backings live as long as the VM (see `HostMemory`).
+        // SAFETY: a non-delete call maps memory inside `owner` (checked above), which the table
+        // holds from here for as long as the slot exists (`held`), and keeps mapped after it
+        // (leaks it) if it cannot delete the slot when dropped.
         unsafe { self.vm.set_region(call) }.map_err(|errno| SlotCallError::Kernel {
             call: *call,
             errno,
             injected: false,
         })?;
+        match owner {
+            Some(backing) => self.held.insert(call.slot, backing),
+            None => self.held.remove(&call.slot),
+        };
         Ok(self
             .layout
             .apply(call)

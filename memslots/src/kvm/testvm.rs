@@ -70,6 +70,31 @@ impl TestVmConfig {
     }
 }
 
+/// One page the test guest probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// GPA of the page (below 4 GiB).
+    pub gpa: u64,
+    /// The arena page behind it whenever it is mapped: the guest reads, checks and writes it.
+    /// `None`: a read-only probe, only read and its value recorded (see [`TestVm::probe_read`]).
+    pub host: Option<u64>,
+}
+
+impl Probe {
+    /// A probe the guest reads, checks against its last write, and writes.
+    pub fn checked(gpa: u64, host: u64) -> Self {
+        Probe {
+            gpa,
+            host: Some(host),
+        }
+    }
+
+    /// A probe the guest only reads (and records what it read).
+    pub fn read_only(gpa: u64) -> Self {
+        Probe { gpa, host: None }
+    }
+}
+
 /// A VM running the embedded test guest, with its host memory, slots, gate and counters.
 #[derive(Debug)]
 pub struct TestVm {
@@ -192,6 +217,25 @@ impl TestVm {
         self.shared.counters.snapshot()
     }
 
+    /// What vCPU `vcpu`'s last read of probe `probe` (its index in the list given to
+    /// [`TestVm::start_probes`]) returned: [`guest::MMIO_READ_VALUE`] when it exited as MMIO,
+    /// 0 before the first read. The guest may be writing it: read it with the vCPUs parked, or
+    /// after enough rounds that a read made after the event of interest has landed.
+    pub fn probe_read(&self, vcpu: usize, probe: usize) -> u32 {
+        assert!(vcpu < guest::MAX_VCPUS && probe < ctl::MAX_PROBES);
+        self.private
+            .read_u32(self.private.host() + guest::ctl_offset(vcpu) + ctl::READS + probe as u64 * 4)
+    }
+
+    /// Rounds vCPU `vcpu` has completed over its probe list.
+    pub fn vcpu_rounds(&self, vcpu: usize) -> u64 {
+        assert!(vcpu < guest::MAX_VCPUS);
+        u64::from(
+            self.private
+                .read_u32(self.private.host() + guest::ctl_offset(vcpu) + ctl::ROUNDS),
+        )
+    }
+
     /// The first spurious exit, internal error or data error, described.
     pub fn first_problem(&self) -> Option<String> {
         self.shared
@@ -209,6 +253,16 @@ impl TestVm {
         probes: &[(u64, u64)],
         exec: Option<(u64, u64)>,
     ) -> Result<(), TestVmError> {
+        let probes: Vec<Probe> = probes.iter().map(|&(g, h)| Probe::checked(g, h)).collect();
+        self.start_probes(&probes, exec)
+    }
+
+    /// Like [`TestVm::start`], with read-only probes allowed.
+    pub fn start_probes(
+        &mut self,
+        probes: &[Probe],
+        exec: Option<(u64, u64)>,
+    ) -> Result<(), TestVmError> {
         if probes.len() > ctl::MAX_PROBES {
             return Err(TestVmError::Config(format!(
                 "at most {} probes, not {}",
@@ -217,13 +271,14 @@ impl TestVm {
             )));
         }
         let arena = self.arena.clone();
-        for &(gpa, host) in probes {
-            if !arena.holds(host, guest::MAX_VCPUS as u64 * 4)
-                || (host - arena.host()) / 4096 >= ctl::MAX_CELLS as u64
-                || gpa > u64::from(u32::MAX)
-            {
+        for &Probe { gpa, host } in probes {
+            let cell_ok = host.is_none_or(|host| {
+                arena.holds(host, guest::MAX_VCPUS as u64 * 4)
+                    && (host - arena.host()) / 4096 < ctl::MAX_CELLS as u64
+            });
+            if !cell_ok || gpa > u64::from(u32::MAX) - guest::MAX_VCPUS as u64 * 4 {
                 return Err(TestVmError::Config(format!(
-                    "probe {gpa:#x} -> {host:#x} is outside the arena"
+                    "probe {gpa:#x} -> {host:x?} is outside the arena"
                 )));
             }
         }
@@ -232,11 +287,11 @@ impl TestVm {
         }
         for index in 0..self.vcpus.len() {
             let base = self.private.host() + guest::ctl_offset(index);
-            for (i, &(gpa, host)) in probes.iter().enumerate() {
+            for (i, &Probe { gpa, host }) in probes.iter().enumerate() {
                 let at = base + ctl::PROBES + i as u64 * 8;
                 self.private.write_u32(at, gpa as u32);
-                self.private
-                    .write_u32(at + 4, ((host - arena.host()) / 4096) as u32);
+                let cell = host.map_or(ctl::READ_ONLY, |h| ((h - arena.host()) / 4096) as u32);
+                self.private.write_u32(at + 4, cell);
             }
             self.private
                 .write_u32(base + ctl::EXEC, exec.map_or(0, |e| e.0 as u32));

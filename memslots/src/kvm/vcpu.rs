@@ -171,7 +171,7 @@ pub fn run(vcpu: VcpuFd, index: usize, base: u64, shared: Arc<VcpuShared>, priva
                 ));
             }
             VcpuExit::MmioRead(gpa, data) => {
-                data.fill(0xff);
+                data.fill(guest::MMIO_READ_VALUE as u8);
                 private.write_u32(ctl_host(ctl::SKIPPED), 1);
                 if judge(gpa, false) {
                     c.spurious_exits.fetch_add(1, Ordering::Relaxed);
