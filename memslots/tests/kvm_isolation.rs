@@ -140,8 +140,9 @@ fn after_a_delete_the_guest_gets_mmio_and_never_the_old_memory() {
         "a guest write landed"
     );
     assert_eq!(host_values(&vm, PAGE_SIZE), [PATTERN; VCPUS]);
-    // Two MMIO reads and one MMIO write per vCPU per round.
-    assert!(vm.guest_stats().mmio_exits >= mmio_before + 3 * 3 * VCPUS as u64);
+    // Two MMIO reads and one MMIO write per vCPU per round (the first round may have been
+    // past them when the vCPUs were parked).
+    assert!(vm.guest_stats().mmio_exits >= mmio_before + 2 * 3 * VCPUS as u64);
     // The slot left in place still works.
     assert!(reads(&vm, 0).iter().all(|&v| v != MMIO_READ_VALUE));
     assert_clean(&vm);
@@ -255,7 +256,9 @@ fn toggle_readonly(vm: &mut TestVm, mut s: Slot, n: usize, strategy: Strategy) -
         assert_eq!(vm.layout().slot(s.id), Some(&s));
         // Let the guest run into the next toggle.
         let r = vm.guest_stats().rounds;
+        let deadline = Instant::now() + Duration::from_secs(20); // a hang guard
         while vm.guest_stats().rounds == r {
+            assert!(Instant::now() < deadline, "the guest stopped making rounds");
             std::thread::yield_now();
         }
     }
