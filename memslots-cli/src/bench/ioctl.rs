@@ -9,7 +9,7 @@ use kvm_ioctls::Cap;
 use memslots::kvm::Vm;
 use memslots::model::{Slot, SlotFlags, SlotId, PAGE_SIZE};
 
-use super::harness::{interleave, median, Figure};
+use super::harness::{interleave, median, Figure, Mode};
 
 /// A VM holding `n` one-page slots, and a spare slot the ops work on.
 struct Filled {
@@ -151,8 +151,8 @@ impl Op {
 }
 
 /// Measures every op at every size against its baseline.
-pub fn run(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
-    let rounds = if quick { 200 } else { 2000 };
+pub fn run(mode: Mode) -> Result<Vec<Figure>, Box<dyn Error>> {
+    let rounds = mode.pick(5, 200, 2000);
     let mut small = Filled::new(10)?;
     let mut out = Vec::new();
     for n in [10u16, 509, 32_763] {
