@@ -110,6 +110,114 @@ fn replay_json_and_layout_matches() {
 }
 
 #[test]
+fn bench_json_has_the_contract_names_each_with_baseline_and_ratio() {
+    if !kvm_usable("the bench") {
+        return;
+    }
+    // `--smoke`: a round or two of everything, the output's shape only (no figure is judged; the
+    // one figure it leaves out is soft_setup_32764_vs_gm_atomic, minutes in a debug build).
+    let out = memslots(&["bench", "--smoke", "--json"]);
+    assert!(out.status.success(), "{}", support::stderr(&out));
+    let j = last_json(&out);
+    for f in ["cpu", "kernel", "cores"] {
+        assert!(j["machine"].get(f).is_some(), "machine.{f}: {j}");
+    }
+    assert!(j["machine"]["cores"].as_u64().unwrap() > 0);
+    let results = j["results"].as_array().expect("results");
+    let mut names = std::collections::BTreeSet::new();
+    for r in results {
+        let fields: std::collections::BTreeSet<String> = support::keys(r);
+        let want: std::collections::BTreeSet<String> = [
+            "name",
+            "unit",
+            "value",
+            "baseline_name",
+            "baseline_value",
+            "ratio",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(fields, want, "{r}");
+        assert!(
+            r["value"].is_number() && r["baseline_value"].is_number(),
+            "{r}"
+        );
+        assert!(!r["baseline_name"].as_str().unwrap().is_empty(), "{r}");
+        // A ratio is value / baseline, and null exactly when the baseline is 0.
+        let (v, b) = (
+            r["value"].as_f64().unwrap(),
+            r["baseline_value"].as_f64().unwrap(),
+        );
+        if b == 0.0 {
+            assert!(r["ratio"].is_null(), "{r}");
+        } else {
+            let ratio = r["ratio"].as_f64().expect("a ratio");
+            assert!((ratio - v / b).abs() <= 1e-9 * ratio.abs().max(1.0), "{r}");
+        }
+        assert!(
+            names.insert(r["name"].as_str().unwrap().to_owned()),
+            "twice: {r}"
+        );
+    }
+    let mut want: Vec<String> = [
+        "soft_setup_32764",
+        "soft_translate_p50_32764",
+        "soft_translate_p50_32764_vs_gm_atomic",
+        "soft_translate_p50_32764_writer",
+        "soft_translate_p50_32764_writer_vs_gm_atomic",
+        "soft_move_batch_32764",
+        "soft_move_batch_32764_vs_gm_atomic",
+        "soft_mixed_8_call_batch_32764",
+        "soft_mixed_8_call_batch_32764_vs_gm_atomic",
+        "plan_32764",
+    ]
+    .map(String::from)
+    .into();
+    for w in ["pam", "resize", "bar"] {
+        for what in ["blackout", "blackout_mean", "blackout_held"] {
+            want.push(format!("{what}_atomic_vs_qemu_{w}"));
+            want.push(format!("{what}_atomic_vs_floor_{w}"));
+        }
+    }
+    for n in [1, 2, 4] {
+        want.push(format!("kick_park_p50_{n}vcpu"));
+        want.push(format!("kick_park_p99_{n}vcpu"));
+    }
+    for op in ["create", "delete", "move", "flags_only"] {
+        for n in [10, 509, 32764] {
+            want.push(format!("ioctl_{op}_{n}"));
+        }
+    }
+    for t in support::traces() {
+        let t = t
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .replace(['-', '.'], "_");
+        want.push(format!("plan_trace_{t}"));
+        want.push(format!("blackout_atomic_vs_qemu_trace_{t}"));
+        want.push(format!("blackout_atomic_vs_floor_trace_{t}"));
+    }
+    for w in &want {
+        assert!(names.contains(w), "missing {w}");
+    }
+    // Every figure is in the table too, with its baseline.
+    let table = String::from_utf8_lossy(&out.stdout);
+    for r in results {
+        let (n, b) = (
+            r["name"].as_str().unwrap(),
+            r["baseline_name"].as_str().unwrap(),
+        );
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("{n} ")) && l.contains(b)),
+            "{n} not in the table"
+        );
+    }
+}
+
+#[test]
 fn bad_arguments_and_input_exit_2_with_a_message() {
     for args in [
         &["stress", "--vcpus", "0"][..],
@@ -122,6 +230,7 @@ fn bad_arguments_and_input_exit_2_with_a_message() {
         &["replay"],
         &["replay", "/nonexistent/trace.log"],
         &["bench", "--sideways"],
+        &["bench", "--quick", "--smoke"],
     ] {
         let out = memslots(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -572,6 +572,243 @@ fn wait_for_rounds(vm: &TestVm, rounds: u64) {
     }
 }
 
+/// A test VM that steps through a QEMU trace's commits with one strategy: what `memslots replay`
+/// and `memslots bench` drive.
+///
+/// Host memory is laid out like QEMU's (every run of QEMU's host ranges keeps its offsets in one
+/// arena). Commit 0 is applied when the VM is made; each [`TraceVm::step`] applies the next
+/// commit, cycling forward through the trace and then back to commit 0. `atomic` applies the
+/// planner's batch for each commit, `qemu` and `naive` QEMU's own calls (its listener's calls on
+/// the way back).
+pub struct TraceVm {
+    vm: TestVm,
+    vcpus: usize,
+    /// Whether the vCPUs run.
+    started: bool,
+    strategy: Strategy,
+    targets: Vec<crate::planner::MemoryMap>,
+    /// QEMU's accepted calls of each commit.
+    calls: Vec<Vec<SlotCall>>,
+    /// QEMU's layout after commit 0, for the way back.
+    first_layout: Layout,
+    hosts: HostLayout,
+    window: u64,
+    arena: u64,
+    probes: Vec<(u64, u64)>,
+    /// The VM's slots in QEMU's host addresses.
+    shadow: Layout,
+    /// The commit the VM is at.
+    at: usize,
+}
+
+impl std::fmt::Debug for TraceVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceVm")
+            .field("strategy", &self.strategy)
+            .field("commits", &self.targets.len())
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TraceVm {
+    /// A VM with `vcpus` vCPUs (not yet running) holding the trace's first commit, applied with
+    /// `strategy` from then on.
+    pub fn new(
+        trace: &crate::trace::Trace,
+        vcpus: usize,
+        strategy: Strategy,
+    ) -> Result<Self, ReplayError> {
+        let limits = crate::model::Limits::default();
+        let commits = crate::planner::replay::qemu_commits(trace, limits)?;
+        if commits.len() < 2 {
+            return Err(ReplayError::TooShort(commits.len()));
+        }
+        let targets: Vec<MemoryMap> = commits.iter().map(|c| c.target.clone()).collect();
+        let calls: Vec<Vec<SlotCall>> = commits
+            .iter()
+            .map(|c| {
+                trace.calls[c.calls.clone()]
+                    .iter()
+                    .filter(|tc| tc.accepted())
+                    .map(|tc| tc.call)
+                    .collect()
+            })
+            .collect();
+        // QEMU's own layout after commit 0, for its calls back to it.
+        let mut first_layout = Layout::new(limits);
+        for call in &calls[0] {
+            let _ = first_layout.apply(call);
+        }
+        let hosts = HostLayout::of(trace);
+        // A 2 MiB window below 4 GiB that no commit maps, for the guest's own slot.
+        let window = (1..(0xffe0_0000 / crate::kvm::guest::PRIVATE_SIZE))
+            .rev()
+            .map(|i| i * crate::kvm::guest::PRIVATE_SIZE)
+            .find(|&base| {
+                let end = base + crate::kvm::guest::PRIVATE_SIZE;
+                targets.iter().all(|m| {
+                    m.regions()
+                        .iter()
+                        .all(|r| r.address_space != 0 || r.end() <= base || r.gpa >= end)
+                })
+            })
+            .ok_or(ReplayError::NoRoom)?;
+        let vm = TestVm::new(TestVmConfig {
+            vcpus,
+            arena_size: hosts.size,
+            private_gpa: window,
+        })
+        .map_err(StressError::from)?;
+        let arena = vm.arena_host();
+
+        // Probes: pages below 4 GiB that every commit maps to the same host page, or leaves
+        // unmapped (their expected values stay true); the first MiB (where firmware re-slots)
+        // first.
+        let max_cells = crate::kvm::guest::ctl::MAX_CELLS as u64;
+        let mut candidates: Vec<u64> = (0..0x10_0000).step_by(PAGE_SIZE as usize).collect();
+        candidates.extend((0x10_0000..0xffff_f000_u64).step_by(0x20_0000));
+        let mut probes = Vec::new();
+        for gpa in candidates {
+            if (window..window + crate::kvm::guest::PRIVATE_SIZE).contains(&gpa) {
+                continue;
+            }
+            let mut seen: Option<u64> = None;
+            let mut constant = true;
+            for t in &targets {
+                if let Some(h) = host_at(t, gpa) {
+                    constant &= seen.is_none_or(|s| s == h);
+                    seen = Some(h);
+                }
+            }
+            let ours = seen.and_then(|h| hosts.to_arena(arena, h));
+            if let (true, Some(ours)) = (constant, ours) {
+                if (ours - arena) / PAGE_SIZE < max_cells {
+                    probes.push((gpa, ours));
+                }
+            }
+        }
+        probes.truncate(crate::kvm::guest::ctl::MAX_PROBES);
+
+        let mut me = TraceVm {
+            vm,
+            vcpus,
+            started: false,
+            strategy,
+            targets,
+            calls,
+            first_layout,
+            hosts,
+            window,
+            arena,
+            probes,
+            shadow: Layout::new(limits),
+            at: 0,
+        };
+        // Commit 0 builds the first layout, always in one batch (no vCPU runs yet).
+        let first = me.calls_to(0)?;
+        let ours: Vec<SlotCall> = first.iter().map(|c| me.hosts.call(arena, c)).collect();
+        me.vm
+            .apply(&ours, Strategy::Atomic)
+            .map_err(StressError::Apply)?;
+        me.shadow
+            .apply_batch(&first)
+            .expect("the model accepted these calls for the VM");
+        Ok(me)
+    }
+
+    /// The calls that take the VM from where it is to commit `c`, in QEMU's host addresses.
+    fn calls_to(&self, c: usize) -> Result<Vec<SlotCall>, ReplayError> {
+        Ok(match self.strategy {
+            Strategy::Atomic => crate::planner::plan(&self.shadow, &self.targets[c])
+                .map_err(|source| ReplayError::Plan { commit: c, source })?
+                .calls
+                .iter()
+                .map(|p| p.call)
+                .collect(),
+            // QEMU's own calls forward; its listener's calls back to (and into) commit 0.
+            _ if c == 0 => crate::kvm::qemu_batch(&self.shadow, &self.first_layout),
+            _ => self.calls[c].clone(),
+        })
+    }
+
+    /// Starts the vCPUs on the probes and waits until each has made a pass over them.
+    pub fn start(&mut self) -> Result<(), StressError> {
+        self.vm.start(&self.probes, None)?;
+        self.started = true;
+        self.wait_for_pass();
+        Ok(())
+    }
+
+    /// Waits (at most a second) until every vCPU has had time for one more pass over its probes;
+    /// at once if the vCPUs were never started.
+    pub fn wait_for_pass(&self) {
+        if self.started {
+            wait_for_rounds(&self.vm, self.vm.guest_stats().rounds + self.vcpus as u64);
+        }
+    }
+
+    /// Commits in one pass through the trace and back (the steps before the VM is where it
+    /// started).
+    pub fn steps_per_pass(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// The next commit (after the last, commit 0 again), applied. A batch rolled back (by an
+    /// injected fault) leaves the VM where it was; the next step tries the same commit again.
+    pub fn step(&mut self) -> Result<Step, ReplayError> {
+        let c = (self.at + 1) % self.targets.len();
+        let calls = self.calls_to(c)?;
+        let ours: Vec<SlotCall> = calls
+            .iter()
+            .map(|call| self.hosts.call(self.arena, call))
+            .collect();
+        match self.vm.apply(&ours, self.strategy) {
+            Ok(stats) => {
+                self.shadow
+                    .apply_batch(&calls)
+                    .expect("the model accepted these calls for the VM");
+                self.at = c;
+                Ok(Step::Applied(stats))
+            }
+            Err(ApplyError::RolledBack { stats, .. }) => Ok(Step::RolledBack(*stats)),
+            Err(e) => Err(StressError::Apply(e).into()),
+        }
+    }
+
+    /// Whether the VM's own slots, in QEMU's host addresses, map exactly like the trace after
+    /// the commit the VM is at.
+    pub fn layout_matches(&self) -> bool {
+        let mut seen = Layout::new(*self.shadow.limits());
+        for s in self.vm.layout().slots() {
+            if s.gpa == self.window && s.size == crate::kvm::guest::PRIVATE_SIZE {
+                continue;
+            }
+            let host = self.hosts.to_qemu(self.arena, s.host).unwrap_or(0);
+            let _ = seen.apply(&crate::model::Slot { host, ..*s }.set_call());
+        }
+        MemoryMap::from_layout(&seen) == self.targets[self.at]
+    }
+
+    /// The probes' host pages, for a [`DirtyCheck`].
+    pub fn probe_host_ranges(&self) -> Vec<(u64, u64)> {
+        self.probes
+            .iter()
+            .map(|&(_, h)| (h, h + PAGE_SIZE))
+            .collect()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &TestVm {
+        &self.vm
+    }
+
+    /// The VM, mutably (to inject faults, harvest dirty logs).
+    pub fn vm_mut(&mut self) -> &mut TestVm {
+        &mut self.vm
+    }
+}
+
 /// Replays a QEMU trace's commits on a running test guest.
 pub fn replay(
     trace: &crate::trace::Trace,
@@ -579,153 +816,37 @@ pub fn replay(
     config: &ReplayConfig,
     mut progress: impl FnMut(u64, Option<u64>),
 ) -> Result<StressReport, ReplayError> {
-    use crate::planner::{plan, MemoryMap};
-    let limits = crate::model::Limits::default();
-    let commits = crate::planner::replay::qemu_commits(trace, limits)?;
-    if commits.len() < 2 {
-        return Err(ReplayError::TooShort(commits.len()));
-    }
-    let targets: Vec<MemoryMap> = commits.iter().map(|c| c.target.clone()).collect();
-    // QEMU's own layouts after each commit, for its calls (qemu, naive) and the way back.
-    let mut qemu_layouts = Vec::new();
-    let mut l = Layout::new(limits);
-    for c in &commits {
-        for tc in &trace.calls[c.calls.clone()] {
-            if tc.accepted() {
-                let _ = l.apply(&tc.call);
-            }
-        }
-        qemu_layouts.push(l.clone());
-    }
-    let hosts = HostLayout::of(trace);
-    // A 2 MiB window below 4 GiB that no commit maps, for the guest's own slot.
-    let window = (1..(0xffe0_0000 / crate::kvm::guest::PRIVATE_SIZE))
-        .rev()
-        .map(|i| i * crate::kvm::guest::PRIVATE_SIZE)
-        .find(|&base| {
-            let end = base + crate::kvm::guest::PRIVATE_SIZE;
-            targets.iter().all(|m| {
-                m.regions()
-                    .iter()
-                    .all(|r| r.address_space != 0 || r.end() <= base || r.gpa >= end)
-            })
-        })
-        .ok_or(ReplayError::NoRoom)?;
-    let mut vm = TestVm::new(TestVmConfig {
-        vcpus: config.vcpus,
-        arena_size: hosts.size,
-        private_gpa: window,
-    })
-    .map_err(StressError::from)?;
-    let arena = vm.arena_host();
-
-    // Probes: pages below 4 GiB that every commit maps to the same host page, or leaves unmapped
-    // (their expected values stay true); the first MiB (where firmware re-slots) first.
-    let max_cells = crate::kvm::guest::ctl::MAX_CELLS as u64;
-    let mut candidates: Vec<u64> = (0..0x10_0000).step_by(PAGE_SIZE as usize).collect();
-    candidates.extend((0x10_0000..0xffff_f000_u64).step_by(0x20_0000));
-    let mut probes = Vec::new();
-    for gpa in candidates {
-        if (window..window + crate::kvm::guest::PRIVATE_SIZE).contains(&gpa) {
-            continue;
-        }
-        let mut seen: Option<u64> = None;
-        let mut constant = true;
-        for t in &targets {
-            if let Some(h) = host_at(t, gpa) {
-                constant &= seen.is_none_or(|s| s == h);
-                seen = Some(h);
-            }
-        }
-        let ours = seen.and_then(|h| hosts.to_arena(arena, h));
-        if let (true, Some(ours)) = (constant, ours) {
-            if (ours - arena) / PAGE_SIZE < max_cells {
-                probes.push((gpa, ours));
-            }
-        }
-    }
-    probes.truncate(crate::kvm::guest::ctl::MAX_PROBES);
-
-    // Commit 0 builds the first layout; vCPUs start on it.
-    let mut shadow = Layout::new(limits);
-    let first: Vec<SlotCall> = match config.strategy {
-        Strategy::Atomic => plan(&shadow, &targets[0])
-            .map_err(|source| ReplayError::Plan { commit: 0, source })?
-            .calls
-            .iter()
-            .map(|p| p.call)
-            .collect(),
-        _ => crate::kvm::qemu_batch(&shadow, &qemu_layouts[0]),
-    };
-    let ours: Vec<SlotCall> = first.iter().map(|c| hosts.call(arena, c)).collect();
-    vm.apply(&ours, Strategy::Atomic)
-        .map_err(StressError::Apply)?;
-    shadow
-        .apply_batch(&first)
-        .expect("the model accepted these calls for the VM");
-    vm.start(&probes, None).map_err(StressError::from)?;
-    wait_for_rounds(&vm, config.vcpus as u64);
+    let mut run = TraceVm::new(trace, config.vcpus, config.strategy)?;
+    run.start()?;
     if let Some(p) = config.inject_faults {
-        vm.inject_faults(Some(FaultInjector::Random {
+        run.vm_mut().inject_faults(Some(FaultInjector::Random {
             p,
             rng: SplitMix64::new(config.seed ^ 0xfa17),
         }));
     }
-    let mut dirty = DirtyCheck::new(probes.iter().map(|&(_, h)| (h, h + PAGE_SIZE)).collect());
-    dirty.harvest(&mut vm);
+    let mut dirty = DirtyCheck::new(run.probe_host_ranges());
+    dirty.harvest(run.vm_mut());
 
-    let mut tally = Tally::new(&vm);
-    let steps: Vec<usize> = (1..commits.len()).chain([0]).collect();
-    let total = steps.len() as u64 * config.loops;
+    let mut tally = Tally::new(run.vm());
+    let total = run.steps_per_pass() as u64 * config.loops;
     let mut matches = true;
-    for _ in 0..config.loops {
-        for &c in &steps {
-            let calls: Vec<SlotCall> = match config.strategy {
-                Strategy::Atomic => plan(&shadow, &targets[c])
-                    .map_err(|source| ReplayError::Plan { commit: c, source })?
-                    .calls
-                    .iter()
-                    .map(|p| p.call)
-                    .collect(),
-                // QEMU's own calls forward; its listener's calls on the way back.
-                _ if c == 0 => crate::kvm::qemu_batch(&shadow, &qemu_layouts[0]),
-                _ => trace.calls[commits[c].calls.clone()]
-                    .iter()
-                    .filter(|tc| tc.accepted())
-                    .map(|tc| tc.call)
-                    .collect(),
-            };
-            let ours: Vec<SlotCall> = calls.iter().map(|call| hosts.call(arena, call)).collect();
-            // A batch rolled back by an injected fault is tried again: the trace must go on.
-            loop {
-                match vm.apply(&ours, config.strategy) {
-                    Ok(stats) => break tally.record(&stats, true),
-                    Err(ApplyError::RolledBack { stats, .. }) => tally.record(&stats, false),
-                    Err(e) => return Err(StressError::Apply(e).into()),
-                }
+    for _ in 0..total {
+        // A batch rolled back by an injected fault is tried again: the trace must go on.
+        loop {
+            match run.step()? {
+                Step::Applied(stats) => break tally.record(&stats, true),
+                Step::RolledBack(stats) => tally.record(&stats, false),
             }
-            shadow
-                .apply_batch(&calls)
-                .expect("the model accepted these calls for the VM");
-            // The VM's own slots, in QEMU's host addresses, must map exactly like the trace.
-            let mut seen = Layout::new(limits);
-            for s in vm.layout().slots() {
-                if s.gpa == window && s.size == crate::kvm::guest::PRIVATE_SIZE {
-                    continue;
-                }
-                let host = hosts.to_qemu(arena, s.host).unwrap_or(0);
-                let _ = seen.apply(&crate::model::Slot { host, ..*s }.set_call());
-            }
-            matches &= MemoryMap::from_layout(&seen) == targets[c];
-            dirty.after_update(vm.layout());
-            dirty.harvest(&mut vm);
-            progress(tally.updates, Some(total));
-            // Let every vCPU make a full pass over its probes on this commit's layout.
-            wait_for_rounds(&vm, vm.guest_stats().rounds + config.vcpus as u64);
         }
+        matches &= run.layout_matches();
+        dirty.after_update(run.vm().layout());
+        dirty.harvest(run.vm_mut());
+        progress(tally.updates, Some(total));
+        // Let every vCPU make a full pass over its probes on this commit's layout.
+        run.wait_for_pass();
     }
     Ok(tally.report(
-        &vm,
+        run.vm(),
         config.strategy,
         name.to_owned(),
         config.vcpus,

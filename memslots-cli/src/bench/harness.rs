@@ -3,6 +3,28 @@
 
 use serde::Serialize;
 
+/// How long a run takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A round or two of everything: the output's shape, for tests; the figures mean little.
+    Smoke,
+    /// Under a minute.
+    Quick,
+    /// Under ten minutes.
+    Full,
+}
+
+impl Mode {
+    /// The value for this mode.
+    pub fn pick<T>(self, smoke: T, quick: T, full: T) -> T {
+        match self {
+            Mode::Smoke => smoke,
+            Mode::Quick => quick,
+            Mode::Full => full,
+        }
+    }
+}
+
 /// One reported figure beside its baseline.
 #[derive(Clone, Debug, Serialize)]
 pub struct Figure {
@@ -16,8 +38,8 @@ pub struct Figure {
     pub baseline_name: String,
     /// The baseline's figure, measured in the same run.
     pub baseline_value: f64,
-    /// `value / baseline_value`.
-    pub ratio: f64,
+    /// `value / baseline_value`; `None` (JSON `null`) when the baseline is 0.
+    pub ratio: Option<f64>,
 }
 
 impl Figure {
@@ -35,11 +57,7 @@ impl Figure {
             value,
             baseline_name: baseline_name.into(),
             baseline_value,
-            ratio: if baseline_value > 0.0 {
-                value / baseline_value
-            } else {
-                f64::NAN
-            },
+            ratio: (baseline_value > 0.0).then(|| value / baseline_value),
         }
     }
 }

@@ -9,7 +9,7 @@ use kvm_ioctls::Cap;
 use memslots::kvm::Vm;
 use memslots::model::{Slot, SlotFlags, SlotId, PAGE_SIZE};
 
-use super::harness::{interleave, median, Figure};
+use super::harness::{interleave, median, Figure, Mode};
 
 /// A VM holding `n` one-page slots, and a spare slot the ops work on.
 struct Filled {
@@ -151,33 +151,56 @@ impl Op {
 }
 
 /// Measures every op at every size against its baseline.
-pub fn run(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
-    let rounds = if quick { 200 } else { 2000 };
+///
+/// Every op at every size is measured in the same loop, round by round, rather than one op after
+/// the other: on this host all slot calls turn several times slower for seconds at a time, and a
+/// figure measured in one stretch would show whichever state that stretch fell in.
+pub fn run(mode: Mode) -> Result<Vec<Figure>, Box<dyn Error>> {
+    let rounds = mode.pick(5, 200, 2000);
+    let ops = [Op::Create, Op::Delete, Op::Move, Op::FlagsOnly];
     let mut small = Filled::new(10)?;
+    let mut null = Filled::new(0)?;
+    // n filler slots plus the spare: 510 and 32,764 slots while the op runs.
+    let mut big: Vec<(u32, Filled)> = Vec::new();
+    for n in [509u16, 32_763] {
+        let shown = if n == 32_763 { 32_764 } else { u32::from(n) };
+        big.push((shown, Filled::new(n)?));
+    }
+    // samples[op][0]: 10 slots vs the null ioctl; samples[op][1 + i]: big[i] vs 10 slots.
+    let mut samples: Vec<Vec<(Vec<f64>, Vec<f64>)>> = ops
+        .iter()
+        .map(|_| (0..=big.len()).map(|_| (Vec::new(), Vec::new())).collect())
+        .collect();
+    for _ in 0..rounds {
+        for (o, &op) in ops.iter().enumerate() {
+            let (a, b) = interleave(1, || small.op(op), || null.op(Op::Null));
+            samples[o][0].0.extend(a);
+            samples[o][0].1.extend(b);
+            for (i, (_, filled)) in big.iter_mut().enumerate() {
+                let (a, b) = interleave(1, || filled.op(op), || small.op(op));
+                samples[o][1 + i].0.extend(a);
+                samples[o][1 + i].1.extend(b);
+            }
+        }
+    }
     let mut out = Vec::new();
-    for n in [10u16, 509, 32_763] {
-        // n filler slots plus the spare: 10, 510 and 32,764 slots while the op runs.
-        let mut big = if n == 10 { None } else { Some(Filled::new(n)?) };
-        let total = u32::from(n) + 1;
-        let shown = if n == 32_763 { 32_764 } else { total - 1 };
-        for op in [Op::Create, Op::Delete, Op::Move, Op::FlagsOnly] {
-            let (mut a, mut b, base) = match big.as_mut() {
-                Some(big) => {
-                    let (a, b) = interleave(rounds, || big.op(op), || small.op(op));
-                    (a, b, format!("ioctl_{}_10", op.name()))
-                }
-                None => {
-                    let mut null = Filled::new(0)?;
-                    let (a, b) = interleave(rounds, || small.op(op), || null.op(Op::Null));
-                    (a, b, "null_ioctl".to_owned())
-                }
+    for (i, size) in std::iter::once(10)
+        .chain(big.iter().map(|b| b.0))
+        .enumerate()
+    {
+        for (o, op) in ops.iter().enumerate() {
+            let (a, b) = &mut samples[o][i];
+            let base = if i == 0 {
+                "null_ioctl".to_owned()
+            } else {
+                format!("ioctl_{}_10", op.name())
             };
             out.push(Figure::new(
-                format!("ioctl_{}_{shown}", op.name()),
+                format!("ioctl_{}_{size}", op.name()),
                 "us",
-                median(&mut a),
+                median(a),
                 base,
-                median(&mut b),
+                median(b),
             ));
         }
     }

@@ -13,7 +13,7 @@ use memslots::planner::replay::qemu_commits;
 use memslots::planner::{plan, plan_with, CutPolicy, MemoryMap, Region};
 use memslots::trace::Trace;
 
-use super::harness::{interleave, median, Figure};
+use super::harness::{interleave, median, Figure, Mode};
 
 const HOST: u64 = 0x7f00_0000_0000;
 
@@ -63,11 +63,11 @@ fn us(d: Duration) -> f64 {
 }
 
 /// `plan_32764` and one figure per committed trace.
-pub fn run(quick: bool, traces: &Path) -> Result<Vec<Figure>, Box<dyn Error>> {
+pub fn run(mode: Mode, traces: &Path) -> Result<Vec<Figure>, Box<dyn Error>> {
     let n = Limits::default().slots;
     let mut out = Vec::new();
     let (before, target, after) = change()?;
-    let rounds = if quick { 5 } else { 25 };
+    let rounds = mode.pick(1, 5, 25);
     let (mut p, mut q) = interleave(
         rounds,
         || {
@@ -91,7 +91,7 @@ pub fn run(quick: bool, traces: &Path) -> Result<Vec<Figure>, Box<dyn Error>> {
         median(&mut q),
     ));
 
-    let rounds = if quick { 5 } else { 31 };
+    let rounds = mode.pick(1, 5, 31);
     let limits = Limits::default();
     let policy = CutPolicy::default();
     for path in super::trace_files(traces)? {

@@ -24,7 +24,7 @@ use vm_memory::{
     GuestRegionMmap, MmapRegion,
 };
 
-use super::harness::{median, Figure};
+use super::harness::{median, Figure, Mode};
 
 const HOST: u64 = 0x7f00_0000_0000;
 const CHUNK: usize = 10_000;
@@ -136,15 +136,21 @@ struct AtomicRegions {
 }
 
 impl AtomicRegions {
-    fn full() -> Result<Self, Box<dyn Error>> {
+    /// No region yet, over a pool with room for every slot.
+    fn empty() -> Result<Self, Box<dyn Error>> {
         let pool = MmapRegion::<()>::new(usize::from(slots()) * 2 * PAGE_SIZE as usize)?;
         let base = pool.as_ptr() as u64;
-        let mut me = AtomicRegions {
+        Ok(AtomicRegions {
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::default()),
             _pool: pool,
             base,
             regions: BTreeMap::new(),
-        };
+        })
+    }
+
+    /// Every slot, published once.
+    fn full() -> Result<Self, Box<dyn Error>> {
+        let mut me = Self::empty()?;
         for i in 0..slots() {
             let r = me.region(&slot(i))?;
             me.regions.insert(slot(i).set_call().slot, r);
@@ -277,14 +283,25 @@ impl Drop for Writer {
 }
 
 /// Every soft figure with its baselines.
-pub fn run(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
+pub fn run(mode: Mode) -> Result<Vec<Figure>, Box<dyn Error>> {
     let mut out = Vec::new();
     let n = slots();
 
-    // Setup: one call at a time, as a VMM (and KVM's memslot_perf_test) creates them.
-    let setup_rounds = if quick { 3 } else { 9 };
-    let (mut soft_setup, mut map_setup) = (Vec::new(), Vec::new());
-    for _ in 0..setup_rounds {
+    // Setup: one call at a time, as a VMM (and KVM's memslot_perf_test) creates them. The
+    // vm-memory list rebuilt per change is O(n) per call, O(n^2) in all: seconds, so it is
+    // measured in fewer of the rounds, and not at all in `--smoke` (minutes in a debug build).
+    let setup_rounds = mode.pick(1, 3, 9);
+    let gm_rounds = mode.pick(0, 1, 3);
+    let (mut soft_setup, mut map_setup, mut gm_setup) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..setup_rounds {
+        if round < gm_rounds {
+            let mut g = AtomicRegions::empty()?;
+            let t = Instant::now();
+            for i in 0..n {
+                g.apply(&[slot(i).set_call()])?;
+            }
+            gm_setup.push(us(t));
+        }
         let t = Instant::now();
         let mut m = SoftMemory::new(Limits::default());
         for i in 0..n {
@@ -303,9 +320,18 @@ pub fn run(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
         format!("rwlock_btreemap_setup_{n}"),
         median(&mut map_setup),
     ));
+    if !gm_setup.is_empty() {
+        out.push(Figure::new(
+            format!("soft_setup_{n}_vs_gm_atomic"),
+            "us",
+            median(&mut soft_setup),
+            format!("gm_atomic_rebuild_setup_{n}"),
+            median(&mut gm_setup),
+        ));
+    }
 
     // Batches.
-    let rounds = if quick { 200 } else { 2000 };
+    let rounds = mode.pick(4, 200, 2000);
     let mut soft = SoftMemory::with_layout(full_layout());
     let map = LockedMap::full();
     let mut gm = AtomicRegions::full()?;
@@ -347,7 +373,7 @@ pub fn run(quick: bool) -> Result<Vec<Figure>, Box<dyn Error>> {
     }
 
     // Translate, without then with a concurrent writer.
-    let trounds = if quick { 40 } else { 600 };
+    let trounds = mode.pick(2, 40, 600);
     let mut reader = soft.reader();
     let map = Arc::new(map);
     let gmem = gm.mem.clone();
