@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{kvm_usable, last_json, memslots, trace, REPORT_FIELDS};
+use support::{assert_no_problems, kvm_usable, last_json, memslots, trace, REPORT_FIELDS};
 
 #[test]
 fn stress_json_has_the_contract_fields_and_atomic_is_clean() {
@@ -56,14 +56,7 @@ fn injected_faults_roll_back_and_the_guest_stays_clean() {
     // 300 batches of at least one call at p = 0.2: a run with no fault is all but impossible.
     assert!(j["rollbacks"].as_u64().unwrap() > 0, "{j}");
     assert_eq!(j["updates"], 300);
-    for f in [
-        "spurious_exits",
-        "internal_errors",
-        "data_errors",
-        "lost_dirty_pages",
-    ] {
-        assert_eq!(j[f], 0, "{f}: {j}");
-    }
+    assert_no_problems(&j);
     let (start, end) = (j["rss_kib_start"].as_u64(), j["rss_kib_end"].as_u64());
     assert!(start.unwrap() > 0 && end.unwrap() >= start.unwrap(), "{j}");
 }

@@ -5,26 +5,15 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use memslots::model::{Layout, Limits, SlotFlags};
+use memslots::model::{Layout, Limits};
 use memslots::planner::replay::replay;
-use memslots::planner::{plan, plan_with, CutPolicy, MemoryMap, Region};
+use memslots::planner::{plan, plan_with, CutPolicy};
+use memslots::samples;
 use memslots::trace::Trace;
-
-const HOST: u64 = 0x7f00_0000_0000;
-
-fn region(i: u64) -> Region {
-    Region {
-        address_space: 0,
-        gpa: i * 0x20_0000,
-        size: 0x10_0000,
-        host: HOST + i * 0x100_0000,
-        flags: SlotFlags::NONE,
-    }
-}
 
 fn planner(c: &mut Criterion) {
     let n = u64::from(Limits::default().slots);
-    let full = MemoryMap::new((0..n).map(region).collect()).expect("valid map");
+    let full = samples::planner_grid(n).expect("valid map");
     let empty = Layout::new(Limits::default());
     c.bench_function("plan_empty_to_32764", |b| {
         b.iter(|| black_box(plan_with(&empty, black_box(&full), &CutPolicy::x86_pc())))
@@ -33,26 +22,7 @@ fn planner(c: &mut Criterion) {
     let boot = plan_with(&layout, &full, &CutPolicy::x86_pc()).expect("plans");
     layout.apply_batch(&boot.slot_calls()).expect("valid");
     // A quarter deleted, a quarter to dirty logging, a quarter moved, a quarter kept.
-    let target = MemoryMap::new(
-        (0..n)
-            .filter_map(|i| {
-                let r = region(i);
-                match i % 4 {
-                    0 => None,
-                    1 => Some(Region {
-                        flags: SlotFlags::LOG_DIRTY_PAGES,
-                        ..r
-                    }),
-                    2 => Some(Region {
-                        gpa: r.gpa + 0x10_0000,
-                        ..r
-                    }),
-                    _ => Some(r),
-                }
-            })
-            .collect(),
-    )
-    .expect("valid map");
+    let target = samples::planner_change(n).expect("valid map");
     c.bench_function("plan_32764", |b| {
         b.iter(|| black_box(plan(&layout, black_box(&target)).expect("plans")))
     });

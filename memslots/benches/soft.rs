@@ -4,28 +4,12 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use memslots::model::{Layout, Limits, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
+use memslots::model::{Limits, Slot, SlotCall, PAGE_SIZE};
+use memslots::samples::{self, dense_slot as slot};
 use memslots::soft::SoftMemory;
 
-const HOST: u64 = 0x7f00_0000_0000;
-
-fn slot(i: u16) -> Slot {
-    Slot {
-        id: SlotId::new(i),
-        gpa: u64::from(i) * 4 * PAGE_SIZE,
-        size: 2 * PAGE_SIZE,
-        host: HOST + u64::from(i) * 2 * PAGE_SIZE,
-        flags: SlotFlags::NONE,
-    }
-}
-
 fn full() -> SoftMemory {
-    let mut l = Layout::new(Limits::default());
-    let calls: Vec<SlotCall> = (0..Limits::default().slots)
-        .map(|i| slot(i).set_call())
-        .collect();
-    l.apply_batch(&calls).expect("valid");
-    SoftMemory::with_layout(l)
+    SoftMemory::with_layout(samples::dense_layout(Limits::default()))
 }
 
 fn soft(c: &mut Criterion) {

@@ -7,6 +7,7 @@
 //! - [`soft`]: the userspace backend: the atomic list algorithm and native primitives, measured.
 //! - [`backend`]: the interface both backends offer ([`backend::SlotBackend`]).
 //! - [`trace`]: QEMU `kvm_set_user_memory` traces.
+//! - [`samples`]: layouts and maps at the slot limit shared by benches and tests.
 //! - [`stats`]: constant-memory duration percentiles.
 //! - [`workload`], [`stress`]: the layout changes `memslots stress` and `replay` run.
 //! - [`conformance`]: the model held against the running kernel.
@@ -17,6 +18,7 @@ pub mod conformance;
 pub mod kvm;
 pub mod model;
 pub mod planner;
+pub mod samples;
 pub mod soft;
 pub mod stats;
 pub mod stress;

@@ -416,6 +416,11 @@ impl WorkloadVm {
     pub fn workload(&self) -> &Workload {
         &self.workload
     }
+
+    /// The VM and the workload, for a caller that starts the vCPUs and drives updates itself.
+    pub fn into_parts(self) -> (TestVm, Workload) {
+        (self.vm, self.workload)
+    }
 }
 
 /// Runs `config`; `progress(done, total)` after each update.

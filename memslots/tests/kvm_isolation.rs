@@ -26,7 +26,7 @@ use memslots::planner::{plan, MemoryMap, Region};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 mod support;
-use support::kvm_or_skip;
+use support::{assert_guest_clean, kvm_or_skip};
 
 /// Where the slots under test go (the private slot is at GPA 0).
 const GPA: u64 = 0x1000_0000;
@@ -79,16 +79,6 @@ fn rounds(vm: &TestVm, n: u64) {
         assert!(Instant::now() < deadline, "the guest stopped making rounds");
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-fn assert_clean(vm: &TestVm) {
-    let s = vm.guest_stats();
-    assert_eq!(
-        (s.spurious_exits, s.internal_errors, s.data_errors),
-        (0, 0, 0),
-        "{:?}",
-        vm.first_problem()
-    );
 }
 
 #[test]
@@ -145,7 +135,7 @@ fn after_a_delete_the_guest_gets_mmio_and_never_the_old_memory() {
     assert!(vm.guest_stats().mmio_exits >= mmio_before + 2 * 3 * VCPUS as u64);
     // The slot left in place still works.
     assert!(reads(&vm, 0).iter().all(|&v| v != MMIO_READ_VALUE));
-    assert_clean(&vm);
+    assert_guest_clean(&vm);
 }
 
 #[test]
@@ -201,7 +191,7 @@ fn after_a_shrink_the_cut_range_is_mmio_and_the_rest_still_ram() {
     assert_eq!(host_values(&vm, 2 * PAGE_SIZE), [PATTERN; VCPUS]);
     // The kept page is RAM throughout: its reads are real and checked (no data error).
     assert!(reads(&vm, 0).iter().all(|&v| v != MMIO_READ_VALUE));
-    assert_clean(&vm);
+    assert_guest_clean(&vm);
 }
 
 #[test]
@@ -232,7 +222,7 @@ fn a_readonly_slot_is_read_but_never_written_by_the_guest() {
         "a guest write landed"
     );
     assert!(vm.guest_stats().mmio_exits >= 2 * VCPUS as u64);
-    assert_clean(&vm);
+    assert_guest_clean(&vm);
 }
 
 /// Toggles READONLY on `s` `n` times while the guest runs, alternately as a primitive and as a
@@ -291,7 +281,7 @@ fn readonly_toggles_are_atomic_and_take_effect() {
     let s = toggle_readonly(&mut vm, s, 60, Strategy::Atomic);
     assert!(!s.flags.readonly());
     // Never a missing slot: no read ever exited as MMIO on a page every layout maps.
-    assert_clean(&vm);
+    assert_guest_clean(&vm);
     assert!(reads(&vm, 1).iter().all(|&v| v == PATTERN));
 
     // Read-only on: guest writes stop landing, reads still work.
@@ -320,7 +310,7 @@ fn readonly_toggles_are_atomic_and_take_effect() {
         moving,
         "writes land once read-only is off"
     );
-    assert_clean(&vm);
+    assert_guest_clean(&vm);
 }
 
 #[test]

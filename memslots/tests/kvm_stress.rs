@@ -5,13 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use memslots::kvm::{ApplyError, FaultInjector, Strategy, TestVm, TestVmConfig};
-use memslots::model::SlotCall;
-use memslots::stress::{run, StressConfig, StressReport, ARENA_GPA};
-use memslots::workload::{Arena, Workload, WorkloadKind};
+use memslots::kvm::{ApplyError, FaultInjector, Strategy, TestVm};
+use memslots::stress::{run, StressConfig, StressReport, WorkloadVm};
+use memslots::workload::{Workload, WorkloadKind};
 
 mod support;
-use support::kvm_or_skip;
+use support::{assert_guest_clean, kvm_or_skip};
 
 fn stress(workload: WorkloadKind, strategy: Strategy, updates: u64) -> StressReport {
     let report = run(
@@ -140,21 +139,7 @@ fn qemu_strategy_never_shows_a_hole() {
 
 /// A running test VM with a workload's initial slots.
 fn running(kind: WorkloadKind) -> (TestVm, Workload) {
-    let mut vm = TestVm::new(TestVmConfig::new(2, kind.arena_size())).expect("vm");
-    let arena = Arena {
-        gpa: ARENA_GPA,
-        host: vm.arena_host(),
-        size: kind.arena_size(),
-        address_space: 0,
-        first_id: 1,
-    };
-    let workload = Workload::new(kind, arena, 9);
-    let initial: Vec<SlotCall> = workload
-        .initial_slots()
-        .iter()
-        .map(|s| s.set_call())
-        .collect();
-    vm.apply(&initial, Strategy::Atomic).expect("initial slots");
+    let (mut vm, workload) = WorkloadVm::new(kind, 2, 9).expect("vm").into_parts();
     let probes: Vec<(u64, u64)> = workload.probe_pages().into_iter().step_by(4).collect();
     vm.start(&probes, None).expect("start");
     (vm, workload)
@@ -233,13 +218,7 @@ fn fault_at_every_call_rolls_back_exactly() {
     assert!(tested > 50);
     let rounds = vm.guest_stats().rounds;
     wait_for_rounds(&vm, rounds + 10);
-    let s = vm.guest_stats();
-    assert_eq!(
-        (s.spurious_exits, s.internal_errors, s.data_errors),
-        (0, 0, 0),
-        "{:?}",
-        vm.first_problem()
-    );
+    assert_guest_clean(&vm);
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use memslots::model::{Change, Layout, Limits, SlotFlags, SlotId};
 use memslots::planner::{plan, plan_with, CutPolicy, MemoryMap, Plan, PlanError, Region};
+use memslots::samples;
 
 const HOST: u64 = 0x7f00_0000_0000;
 
@@ -286,14 +287,7 @@ fn unmappable_regions_are_typed_errors() {
 #[test]
 fn a_full_32764_slot_layout_change() {
     let n = Limits::X86_64_SLOTS as u64;
-    let region = |i: u64| Region {
-        address_space: 0,
-        gpa: i * 0x20_0000,
-        size: 0x10_0000,
-        host: HOST + i * 0x100_0000,
-        flags: SlotFlags::NONE,
-    };
-    let full = map(&(0..n).map(region).collect::<Vec<_>>());
+    let full = samples::planner_grid(n).unwrap();
     let mut layout = Layout::new(Limits::default());
     let t = Instant::now();
     let boot = plan_with(&layout, &full, &CutPolicy::x86_pc()).unwrap();
@@ -301,25 +295,8 @@ fn a_full_32764_slot_layout_change() {
     assert_eq!(boot.ioctls() as u64, n);
     layout.apply_batch(&boot.slot_calls()).unwrap();
 
-    let changed: Vec<Region> = (0..n)
-        .filter_map(|i| {
-            let r = region(i);
-            match i % 4 {
-                0 => None,
-                1 => Some(Region {
-                    flags: SlotFlags::LOG_DIRTY_PAGES,
-                    ..r
-                }),
-                // Into the free second half of the 2 MiB cell.
-                2 => Some(Region {
-                    gpa: r.gpa + 0x10_0000,
-                    ..r
-                }),
-                _ => Some(r),
-            }
-        })
-        .collect();
-    let target = map(&changed);
+    // A quarter dropped, a quarter to dirty logging, a quarter into the free half of its cell.
+    let target = samples::planner_change(n).unwrap();
     let t = Instant::now();
     let plan = plan(&layout, &target).unwrap();
     eprintln!("plan {n}-slot change: {:?}", t.elapsed());

@@ -8,51 +8,22 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use memslots::kvm::qemu_batch;
-use memslots::model::{Layout, Limits, SlotFlags};
+use memslots::model::{Layout, Limits};
 use memslots::planner::replay::qemu_commits;
-use memslots::planner::{plan, plan_with, CutPolicy, MemoryMap, Region};
+use memslots::planner::{plan, plan_with, CutPolicy, MemoryMap};
+use memslots::samples;
 use memslots::trace::Trace;
 
 use super::harness::{interleave, median, Figure, Mode};
 
-const HOST: u64 = 0x7f00_0000_0000;
-
-fn region(i: u64) -> Region {
-    Region {
-        address_space: 0,
-        gpa: i * 0x20_0000,
-        size: 0x10_0000,
-        host: HOST + i * 0x100_0000,
-        flags: SlotFlags::NONE,
-    }
-}
-
-/// The change of `tests/planner_plan.rs`: of 32,764 slots a quarter deleted, a quarter switched
-/// to dirty logging, a quarter moved, a quarter kept.
+/// The change of `tests/planner_plan.rs` ([`memslots::samples::planner_change`]): of 32,764
+/// slots a quarter deleted, a quarter switched to dirty logging, a quarter moved, a quarter kept.
 fn change() -> Result<(Layout, MemoryMap, Layout), Box<dyn Error>> {
     let n = u64::from(Limits::default().slots);
-    let full = MemoryMap::new((0..n).map(region).collect())?;
     let mut layout = Layout::new(Limits::default());
-    let boot = plan_with(&layout, &full, &CutPolicy::x86_pc())?;
+    let boot = plan_with(&layout, &samples::planner_grid(n)?, &CutPolicy::x86_pc())?;
     layout.apply_batch(&boot.slot_calls())?;
-    let changed: Vec<Region> = (0..n)
-        .filter_map(|i| {
-            let r = region(i);
-            match i % 4 {
-                0 => None,
-                1 => Some(Region {
-                    flags: SlotFlags::LOG_DIRTY_PAGES,
-                    ..r
-                }),
-                2 => Some(Region {
-                    gpa: r.gpa + 0x10_0000,
-                    ..r
-                }),
-                _ => Some(r),
-            }
-        })
-        .collect();
-    let target = MemoryMap::new(changed)?;
+    let target = samples::planner_change(n)?;
     let mut after = layout.clone();
     after.apply_batch(&plan(&layout, &target)?.slot_calls())?;
     Ok((layout, target, after))

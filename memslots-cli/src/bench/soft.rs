@@ -17,7 +17,8 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use memslots::model::{Layout, Limits, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
+use memslots::model::{Layout, Limits, Slot, SlotCall, PAGE_SIZE};
+use memslots::samples::{self, dense_slot as slot, SAMPLE_HOST};
 use memslots::soft::{SoftMemory, Translation};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
@@ -26,28 +27,14 @@ use vm_memory::{
 
 use super::harness::{median, Figure, Mode};
 
-const HOST: u64 = 0x7f00_0000_0000;
 const CHUNK: usize = 10_000;
 
 fn slots() -> u16 {
     Limits::default().slots
 }
 
-fn slot(i: u16) -> Slot {
-    Slot {
-        id: SlotId::new(i),
-        gpa: u64::from(i) * 4 * PAGE_SIZE,
-        size: 2 * PAGE_SIZE,
-        host: HOST + u64::from(i) * 2 * PAGE_SIZE,
-        flags: SlotFlags::NONE,
-    }
-}
-
 fn full_layout() -> Layout {
-    let mut l = Layout::new(Limits::default());
-    let calls: Vec<SlotCall> = (0..slots()).map(|i| slot(i).set_call()).collect();
-    l.apply_batch(&calls).expect("a valid full layout");
-    l
+    samples::dense_layout(Limits::default())
 }
 
 /// The moved slot's two places, alternately.
@@ -160,7 +147,7 @@ impl AtomicRegions {
     }
 
     fn region(&self, s: &Slot) -> Result<Arc<GuestRegionMmap>, Box<dyn Error>> {
-        let host = self.base + (s.host - HOST);
+        let host = self.base + (s.host - SAMPLE_HOST);
         // SAFETY: `host..host + size` lies inside `_pool`, which outlives every region built
         // here (they are dropped with `regions` and `mem`, fields of the same struct, and the
         // pool is never unmapped before the struct is dropped).

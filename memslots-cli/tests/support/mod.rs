@@ -88,6 +88,21 @@ pub const REPORT_FIELDS: [&str; 17] = [
 ];
 
 /// [`REPORT_FIELDS`] as a set.
+/// The report's problem counters, which a clean run keeps at 0.
+pub const DETECTORS: [&str; 4] = [
+    "spurious_exits",
+    "internal_errors",
+    "data_errors",
+    "lost_dirty_pages",
+];
+
+/// Asserts that a stress or replay report saw no problem.
+pub fn assert_no_problems(report: &serde_json::Value) {
+    for k in DETECTORS {
+        assert_eq!(report[k], 0, "{k}: {report}");
+    }
+}
+
 pub fn report_fields() -> BTreeSet<String> {
     REPORT_FIELDS.iter().map(|s| s.to_string()).collect()
 }

@@ -36,3 +36,15 @@ pub fn trace(name: &str) -> PathBuf {
         .join("../tests/data/traces")
         .join(name)
 }
+
+/// Asserts that the test guest saw no spurious exit, internal error or data error, showing the
+/// first problem it recorded otherwise.
+pub fn assert_guest_clean(vm: &memslots::kvm::TestVm) {
+    let s = vm.guest_stats();
+    assert_eq!(
+        (s.spurious_exits, s.internal_errors, s.data_errors),
+        (0, 0, 0),
+        "{:?}",
+        vm.first_problem()
+    );
+}
