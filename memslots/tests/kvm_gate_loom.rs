@@ -3,8 +3,11 @@
 //! anywhere while the vCPU is in user space, and a signal during guest execution forcing an exit.
 //!
 //! Checked: no vCPU enters the guest after a kick was consumed in user space (a lost kick), no vCPU
-//! enters the guest while a quiesce holds, and every quiesce returns (else loom reports a
-//! deadlock). The same model with the handler's `immediate_exit` store removed must fail.
+//! enters the guest while a quiesce holds, no vCPU parks with an exit KVM has not completed (it is
+//! completed by one `KVM_RUN` with `immediate_exit` only when the last `KVM_RUN` returned an exit;
+//! after an EINTR KVM has already completed it), and every quiesce returns (else loom reports a
+//! deadlock). The same model without the handler's `immediate_exit` store, or without the
+//! completing entry, must fail.
 //!
 //! It models the protocol (clear `immediate_exit`, check `requested`, `KVM_RUN`; park while
 //! `requested`), not the code: the kernel and the signal are not something loom can run.
@@ -29,10 +32,15 @@ struct GateState {
 struct Model {
     /// The signal handler stores `immediate_exit` (false: the bug this protocol avoids).
     use_immediate_exit: bool,
+    /// The vCPU completes a pending exit before it parks (false: the bug that would leave a
+    /// port or MMIO access half done while the layout changes).
+    complete_before_park: bool,
     // vCPU side ("kernel" state of one vCPU).
     mode: Mutex<Mode>,
     guest_cv: Condvar,
     immediate_exit: AtomicU8,
+    /// An exit (PIO) that KVM completes on the next `KVM_RUN` entry.
+    io_incomplete: AtomicBool,
     /// A kick was consumed in user space since the loop last looked at the gate.
     kick_in_user: AtomicBool,
     // Gate.
@@ -47,12 +55,14 @@ struct Model {
 }
 
 impl Model {
-    fn new(use_immediate_exit: bool) -> Self {
+    fn new(use_immediate_exit: bool, complete_before_park: bool) -> Self {
         Model {
             use_immediate_exit,
+            complete_before_park,
             mode: Mutex::new(Mode::default()),
             guest_cv: Condvar::new(),
             immediate_exit: AtomicU8::new(0),
+            io_incomplete: AtomicBool::new(false),
             kick_in_user: AtomicBool::new(false),
             requested: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -79,10 +89,12 @@ impl Model {
         }
     }
 
-    /// `KVM_RUN`: returns false for EINTR, true for a guest exit (PIO).
+    /// `KVM_RUN`: returns false for EINTR, true for a guest exit (PIO). As KVM, it first
+    /// completes an incomplete exit, then looks at `immediate_exit`.
     fn kvm_run(&self) -> bool {
         {
             let mut m = self.mode.lock().unwrap();
+            self.io_incomplete.store(false, SeqCst);
             if self.immediate_exit.load(SeqCst) == 1 {
                 return false;
             }
@@ -99,6 +111,7 @@ impl Model {
         // The guest exits on its own once (a port write), then runs until kicked.
         if self.voluntary_exits.fetch_add(1, SeqCst) == 0 {
             self.mode.lock().unwrap().in_guest = false;
+            self.io_incomplete.store(true, SeqCst);
             return true;
         }
         // Running guest code until a signal arrives (a wait, so a lost kick is a deadlock).
@@ -113,6 +126,10 @@ impl Model {
 
     /// As `VcpuGate::park`: counted parked, waits while a quiesce is requested.
     fn park(&self) {
+        assert!(
+            !self.io_incomplete.load(SeqCst),
+            "parked with an exit KVM has not completed"
+        );
         let mut s = self.state.lock().unwrap();
         s.parked += 1;
         self.parked_cv.notify_all();
@@ -123,6 +140,8 @@ impl Model {
     }
 
     fn vcpu_loop(&self) {
+        // As `GateVcpu::exit_pending`: the last `KVM_RUN` returned an exit, not EINTR.
+        let mut exit_pending = false;
         loop {
             // A kick consumed before this point is seen through `requested` below. The handler
             // runs on this thread, between two of its steps: model that with the mode lock
@@ -138,15 +157,18 @@ impl Model {
                 if self.stop.load(SeqCst) {
                     return;
                 }
-                {
-                    let _m = self.mode.lock().unwrap();
-                    self.immediate_exit.store(1, SeqCst);
+                if exit_pending && self.complete_before_park {
+                    {
+                        let _m = self.mode.lock().unwrap();
+                        self.immediate_exit.store(1, SeqCst);
+                    }
+                    let _ = self.kvm_run(); // completes the exit, never enters the guest
+                    exit_pending = false;
                 }
-                let _ = self.kvm_run(); // completes a pending exit, never enters the guest
                 self.park();
                 continue;
             }
-            let _ = self.kvm_run();
+            exit_pending = self.kvm_run();
         }
     }
 
@@ -182,13 +204,13 @@ impl Model {
     }
 }
 
-fn check(use_immediate_exit: bool) {
+fn check(use_immediate_exit: bool, complete_before_park: bool) {
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
         builder.preemption_bound = Some(3);
     }
     builder.check(move || {
-        let m = Arc::new(Model::new(use_immediate_exit));
+        let m = Arc::new(Model::new(use_immediate_exit, complete_before_park));
         let vcpu = {
             let m = m.clone();
             loom::thread::spawn(move || m.vcpu_loop())
@@ -204,11 +226,17 @@ fn check(use_immediate_exit: bool) {
 
 #[test]
 fn kick_protocol_never_loses_a_kick() {
-    check(true);
+    check(true, true);
 }
 
 #[test]
 #[should_panic(expected = "kick lost")]
 fn without_immediate_exit_a_kick_is_lost() {
-    check(false);
+    check(false, true);
+}
+
+#[test]
+#[should_panic(expected = "parked with an exit KVM has not completed")]
+fn parking_right_after_an_exit_leaves_it_incomplete() {
+    check(true, false);
 }

@@ -181,6 +181,10 @@ impl VcpuGate {
 pub struct GateVcpu {
     gate: std::sync::Arc<VcpuGate>,
     vcpu: kvm_ioctls::VcpuFd,
+    /// The last `KVM_RUN` returned an exit whose operation (MMIO, PIO...) KVM completes only on
+    /// the next entry. After an `EINTR` nothing is pending: KVM finishes incomplete operations
+    /// before it looks at signals and `immediate_exit`.
+    exit_pending: bool,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
@@ -195,6 +199,7 @@ impl GateVcpu {
         GateVcpu {
             gate,
             vcpu,
+            exit_pending: false,
             _not_send: std::marker::PhantomData,
         }
     }
@@ -210,17 +215,30 @@ impl GateVcpu {
         // Clear first, then check the gate: a kick after the check still stops `KVM_RUN`.
         self.vcpu.set_kvm_immediate_exit(0);
         if self.gate.park_requested() {
-            // Complete a pending MMIO/PIO exit without running guest code, then park.
-            self.vcpu.set_kvm_immediate_exit(1);
-            let _ = self.vcpu.run();
-            self.vcpu.set_kvm_immediate_exit(0);
+            if self.exit_pending {
+                // Complete the pending exit without running guest code, then park.
+                self.vcpu.set_kvm_immediate_exit(1);
+                let _ = self.vcpu.run();
+                self.vcpu.set_kvm_immediate_exit(0);
+                self.exit_pending = false;
+            }
             self.gate.park();
             return Ok(None);
         }
         match self.vcpu.run() {
-            Ok(exit) => Ok(Some(exit)),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
-            Err(e) => Err(e),
+            Ok(exit) => {
+                self.exit_pending = true;
+                Ok(Some(exit))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.exit_pending = false;
+                Ok(None)
+            }
+            Err(e) => {
+                // Whatever state KVM is in, one more entry with `immediate_exit` is harmless.
+                self.exit_pending = true;
+                Err(e)
+            }
         }
     }
 }
