@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use memslots::kvm::Strategy;
 use memslots::soft::compare::CompareOptions;
 use memslots::soft::replay::SoftReplayConfig;
-use memslots::stress::{replay, ReplayConfig};
+use memslots::stress::{replay, ReplayConfig, StressReport};
 use memslots::trace::Trace;
 
 use crate::output::{json_line, Progress};
-use crate::stress::{print_summary, require_kvm, BackendArg, StrategyArg};
+use crate::stress::{exit_status, print_summary, require_kvm, BackendArg, StrategyArg};
 
 /// Arguments of `memslots replay`.
 #[derive(clap::Args, Debug)]
@@ -63,21 +63,21 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let bar = Progress::new(None, format!("{name} / {}", config.strategy.name()));
     let report = replay(&trace, &name, &config, |done, total| bar.set(done, total))?;
     bar.finish();
-    print_summary(&report);
+    print_replay_summary(&report);
+    if args.json {
+        json_line(&report)?;
+    }
+    Ok(exit_status(&report, config.strategy))
+}
+
+/// The summary table and whether every commit ended in the trace's mapping.
+fn print_replay_summary(report: &StressReport) {
+    print_summary(report);
     println!(
         "  {:<28} {}",
         "layout matches the trace",
         report.layout_matches.unwrap_or(false)
     );
-    if args.json {
-        json_line(&report)?;
-    }
-    let clean = report.clean() && report.layout_matches == Some(true);
-    Ok(if config.strategy == Strategy::Atomic && !clean {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
 }
 
 /// `--backend soft`: every commit three ways (QEMU's calls, planned batch, native primitives).
@@ -95,12 +95,7 @@ fn run_soft(args: &Args, trace: &Trace, name: &str) -> Result<ExitCode, Box<dyn 
     let soft =
         memslots::soft::replay::replay(trace, name, &config, |done, total| bar.set(done, total))?;
     bar.finish();
-    print_summary(&soft.report);
-    println!(
-        "  {:<28} {}",
-        "layout matches the trace",
-        soft.report.layout_matches.unwrap_or(false)
-    );
+    print_replay_summary(&soft.report);
     println!(
         "{} commits, {} reader threads, three ways:",
         soft.ways.commits, config.readers
@@ -122,10 +117,5 @@ fn run_soft(args: &Args, trace: &Trace, name: &str) -> Result<ExitCode, Box<dyn 
     if args.json {
         json_line(&soft)?;
     }
-    let clean = soft.report.clean() && soft.report.layout_matches == Some(true);
-    Ok(if strategy == Strategy::Atomic && !clean {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(exit_status(&soft.report, strategy))
 }

@@ -149,12 +149,18 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     if args.json {
         json_line(&report)?;
     }
-    let must_be_clean = config.strategy == Strategy::Atomic;
-    Ok(if must_be_clean && !report.clean() {
+    Ok(exit_status(&report, config.strategy))
+}
+
+/// 1 when `atomic` saw a problem or (replay) left the trace's mapping; 0 otherwise: `qemu` and
+/// `naive` report what they saw.
+pub fn exit_status(report: &StressReport, strategy: Strategy) -> ExitCode {
+    let clean = report.clean() && report.layout_matches.unwrap_or(true);
+    if strategy == Strategy::Atomic && !clean {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
-    })
+    }
 }
 
 /// Checks `--inject-faults`.

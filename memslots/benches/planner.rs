@@ -28,12 +28,7 @@ fn planner(c: &mut Criterion) {
     });
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    paths.retain(|p: &std::path::PathBuf| p.extension().is_some_and(|x| x == "log"));
-    paths.sort();
-    for path in paths {
+    for path in Trace::files_in(&dir).unwrap_or_default() {
         let trace = Trace::from_file(&path).expect("committed traces parse");
         let name = path.file_stem().expect("a file").to_string_lossy();
         c.bench_function(&format!("plan_trace_{name}"), |b| {

@@ -632,13 +632,7 @@ impl TraceVm {
         let targets: Vec<MemoryMap> = commits.iter().map(|c| c.target.clone()).collect();
         let calls: Vec<Vec<SlotCall>> = commits
             .iter()
-            .map(|c| {
-                trace.calls[c.calls.clone()]
-                    .iter()
-                    .filter(|tc| tc.accepted())
-                    .map(|tc| tc.call)
-                    .collect()
-            })
+            .map(|c| trace.accepted_calls(c.calls.clone()))
             .collect();
         // QEMU's own layout after commit 0, for its calls back to it.
         let mut first_layout = Layout::new(limits);

@@ -88,6 +88,26 @@ impl Trace {
         Ok(Trace { calls })
     }
 
+    /// The trace files (`*.log`) in `dir`, sorted by name.
+    pub fn files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// The calls in `range` of [`Trace::calls`] that KVM accepted, in order: what QEMU's
+    /// listener actually changed.
+    pub fn accepted_calls(&self, range: Range<usize>) -> Vec<SlotCall> {
+        self.calls[range]
+            .iter()
+            .filter(|tc| tc.accepted())
+            .map(|tc| tc.call)
+            .collect()
+    }
+
     /// QEMU's commits as ranges of [`Trace::calls`].
     ///
     /// QEMU's KVM listener issues a commit's DELETEs before its CREATEs and flag changes, so a

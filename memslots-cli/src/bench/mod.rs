@@ -41,13 +41,8 @@ pub struct Args {
 
 /// The committed traces in `dir`, sorted.
 fn trace_files(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("reading {}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    out.sort();
-    Ok(out)
+    Ok(memslots::trace::Trace::files_in(dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?)
 }
 
 /// A trace's name in figure names: the file stem, `-` as `_`.

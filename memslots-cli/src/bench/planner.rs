@@ -72,10 +72,8 @@ pub fn run(mode: Mode, traces: &Path) -> Result<Vec<Figure>, Box<dyn Error>> {
         let mut qemu_layouts = vec![Layout::new(limits)];
         for c in &commits {
             let mut l = qemu_layouts.last().expect("not empty").clone();
-            for tc in &trace.calls[c.calls.clone()] {
-                if tc.accepted() {
-                    let _ = l.apply(&tc.call);
-                }
+            for call in trace.accepted_calls(c.calls.clone()) {
+                let _ = l.apply(&call);
             }
             qemu_layouts.push(l);
         }

@@ -57,13 +57,7 @@ pub fn trace(name: &str) -> String {
 /// Every committed trace (`tests/data/traces/*.log`), sorted.
 pub fn traces() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("the traces directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    out.sort();
-    out
+    memslots::trace::Trace::files_in(&dir).expect("the traces directory")
 }
 
 /// The fields of the `stress`/`replay` JSON object (issues 5 and 8).

@@ -447,6 +447,27 @@ pub struct TraceComparison {
     pub native_matches: bool,
 }
 
+impl TraceComparison {
+    /// Sums over no commit yet: nothing counted, every way matching so far.
+    pub fn new() -> Self {
+        TraceComparison {
+            planned_matches: true,
+            native_matches: true,
+            ..TraceComparison::default()
+        }
+    }
+
+    /// Adds one commit's comparison to the sums.
+    pub fn add(&mut self, commit: &CommitComparison) {
+        self.commits += 1;
+        self.qemu.add(&commit.qemu);
+        self.planned.add(&commit.planned);
+        self.native.add(&commit.native);
+        self.planned_matches &= commit.planned_matches;
+        self.native_matches &= commit.native_matches;
+    }
+}
+
 /// Runs every commit of `trace` three ways with [`compare_commit`], starting from an empty layout
 /// under `limits`; `plan` turns (layout before, QEMU's accepted calls) into the planned batch.
 pub fn compare_trace(
@@ -456,25 +477,11 @@ pub fn compare_trace(
     options: &CompareOptions,
 ) -> Result<TraceComparison, SoftError> {
     let mut layout = Layout::new(limits);
-    let mut out = TraceComparison {
-        planned_matches: true,
-        native_matches: true,
-        ..TraceComparison::default()
-    };
+    let mut out = TraceComparison::new();
     for range in trace.commits() {
-        let calls: Vec<SlotCall> = trace.calls[range]
-            .iter()
-            .filter(|c| c.accepted())
-            .map(|c| c.call)
-            .collect();
+        let calls = trace.accepted_calls(range);
         let planned = plan(&layout, &calls);
-        let cmp = compare_commit(&layout, &calls, &planned, options)?;
-        out.commits += 1;
-        out.qemu.add(&cmp.qemu);
-        out.planned.add(&cmp.planned);
-        out.native.add(&cmp.native);
-        out.planned_matches &= cmp.planned_matches;
-        out.native_matches &= cmp.native_matches;
+        out.add(&compare_commit(&layout, &calls, &planned, options)?);
         layout.apply_batch(&calls).map_err(SoftError::Refused)?;
     }
     Ok(out)

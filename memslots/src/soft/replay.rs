@@ -8,10 +8,10 @@ use serde::Serialize;
 
 use super::compare::{compare_commit, CompareOptions, TraceComparison};
 use super::memory::{SoftError, SoftMemory};
-use super::stress::qemu_inhibits;
+use super::stress::{one_call_batches, qemu_inhibits};
 use crate::kvm::Strategy;
-use crate::model::{Layout, Limits, SlotCall};
-use crate::planner::{plan, MemoryMap};
+use crate::model::{Layout, Limits};
+use crate::planner::plan;
 use crate::stats::{Micros, Samples};
 use crate::stress::StressReport;
 use crate::trace::Trace;
@@ -117,37 +117,19 @@ pub fn replay(
         prefault_pages: config.prefault_pages,
     };
     let mut layout = Layout::new(limits);
-    let mut sums = TraceComparison {
-        planned_matches: true,
-        native_matches: true,
-        ..TraceComparison::default()
-    };
-    let mut matches = true;
+    let mut sums = TraceComparison::new();
     let (mut spurious, mut ioctls) = (0u64, 0u64);
     let mut blackout = Samples::new();
     let mut update_us = Samples::new();
     let total = commits.len() as u64;
     for (i, c) in commits.iter().enumerate() {
         let soft = |source| SoftReplayError::Soft { commit: i, source };
-        let calls: Vec<SlotCall> = trace.calls[c.calls.clone()]
-            .iter()
-            .filter(|tc| tc.accepted())
-            .map(|tc| tc.call)
-            .collect();
+        let calls = trace.accepted_calls(c.calls.clone());
         let planned = plan(&layout, &c.target)
             .map_err(|source| SoftReplayError::Plan { commit: i, source })?
             .batch();
         let cmp = compare_commit(&layout, &calls, &planned, &options).map_err(soft)?;
-        let mut p = layout.clone();
-        let planned_maps =
-            p.apply_batch(planned.calls()).is_ok() && MemoryMap::from_layout(&p) == c.target;
-        matches &= planned_maps && cmp.native_matches;
-        sums.commits += 1;
-        sums.qemu.add(&cmp.qemu);
-        sums.planned.add(&cmp.planned);
-        sums.native.add(&cmp.native);
-        sums.planned_matches &= cmp.planned_matches;
-        sums.native_matches &= cmp.native_matches;
+        sums.add(&cmp);
 
         // The strategy's way again, alone, timed.
         let mut memory = SoftMemory::with_layout(layout.clone());
@@ -160,12 +142,7 @@ pub fn replay(
                 spurious += cmp.planned.spurious_mmio;
             }
             Strategy::Qemu | Strategy::Naive => {
-                for call in &calls {
-                    memory
-                        .apply_batch(std::slice::from_ref(call))
-                        .map_err(soft)?;
-                }
-                ioctls += calls.len() as u64;
+                one_call_batches(&mut memory, &calls, &mut ioctls).map_err(soft)?;
                 // QEMU 8.0 holds vCPUs out of a commit whose deletes overlap its creates.
                 if !inhibited {
                     spurious += cmp.qemu.spurious_mmio;
@@ -195,7 +172,8 @@ pub fn replay(
         rollbacks: 0,
         blackout_us: blackout.micros(true),
         update_us: update_us.micros(false),
-        layout_matches: Some(matches),
+        // QEMU's layout after each commit maps exactly the trace's target.
+        layout_matches: Some(sums.planned_matches && sums.native_matches),
         kick_to_parked_us: Micros::default(),
         rss_kib_start,
         rss_kib_end: crate::stress::peak_rss_kib(),

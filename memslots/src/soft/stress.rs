@@ -369,8 +369,8 @@ pub fn run(
     })
 }
 
-/// Each call as its own batch, in order (what a stock kernel offers).
-fn one_call_batches(
+/// Each call as its own batch, in order (what a stock kernel offers), counted in `ioctls`.
+pub(crate) fn one_call_batches(
     memory: &mut SoftMemory,
     calls: &[SlotCall],
     ioctls: &mut u64,

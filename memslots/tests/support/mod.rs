@@ -21,13 +21,7 @@ pub fn kvm_or_skip() -> bool {
 /// Every committed QEMU trace, sorted.
 pub fn traces() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    out.sort();
-    out
+    memslots::trace::Trace::files_in(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 /// One committed trace by file name.
