@@ -11,7 +11,9 @@ use memslots::stress::{replay, ReplayConfig, StressReport};
 use memslots::trace::Trace;
 
 use crate::output::{json_line, Progress};
-use crate::stress::{exit_status, print_summary, require_kvm, BackendArg, StrategyArg};
+use crate::stress::{
+    exit_status, print_summary, require_kvm, trigger, BackendArg, StrategyArg, TriggerArg,
+};
 
 /// Arguments of `memslots replay`.
 #[derive(clap::Args, Debug)]
@@ -24,6 +26,10 @@ pub struct Args {
     /// `atomic`: the planner's batch per commit; `qemu`, `naive`: QEMU's own calls.
     #[arg(long, value_enum, default_value_t = StrategyArg::Atomic)]
     strategy: StrategyArg,
+    /// Who starts each commit: the guest on vCPU 0 (default with --backend kvm) or a host
+    /// thread (the only choice with --backend soft).
+    #[arg(long, value_enum)]
+    trigger: Option<TriggerArg>,
     /// Times through the trace (forward, then back to the first layout); kvm backend only, the
     /// soft backend runs each commit once, three ways, on fresh soft memory.
     #[arg(long, default_value_t = 20)]
@@ -49,12 +55,14 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         .trace
         .file_name()
         .map_or_else(|| "trace".into(), |n| n.to_string_lossy().into_owned());
+    let trigger = trigger(args.backend, args.trigger)?;
     if args.backend == BackendArg::Soft {
         return run_soft(&args, &trace, &name);
     }
     require_kvm()?;
     let config = ReplayConfig {
         strategy: args.strategy.into(),
+        trigger,
         vcpus: usize::from(args.vcpus),
         loops: args.loops,
         seed: args.seed,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use memslots::kvm::Strategy;
-use memslots::stress::{run, StressConfig, StressReport};
+use memslots::stress::{run, StressConfig, StressReport, Trigger};
 use memslots::workload::WorkloadKind;
 
 use crate::output::{json_line, Progress};
@@ -60,6 +60,27 @@ impl From<WorkloadArg> for WorkloadKind {
     }
 }
 
+/// `--trigger`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum TriggerArg {
+    /// The guest on vCPU 0 asks for each change with a port write; the vCPU thread handling it
+    /// plans and applies the batch while the other vCPUs run.
+    Guest,
+    /// A separate updater thread applies each change.
+    Host,
+}
+
+/// The trigger for `backend`: the soft backend has no guest to ask, so only `host` (its default).
+pub fn trigger(backend: BackendArg, arg: Option<TriggerArg>) -> Result<Trigger, Box<dyn Error>> {
+    match (backend, arg) {
+        (BackendArg::Soft, Some(TriggerArg::Guest)) => {
+            Err("--trigger guest needs --backend kvm (the soft backend has no guest)".into())
+        }
+        (BackendArg::Soft, _) | (_, Some(TriggerArg::Host)) => Ok(Trigger::Host),
+        (BackendArg::Kvm, _) => Ok(Trigger::Guest),
+    }
+}
+
 /// `--backend`.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum BackendArg {
@@ -78,6 +99,10 @@ pub struct Args {
     /// How each batch is applied.
     #[arg(long, value_enum, default_value_t = StrategyArg::Atomic)]
     strategy: StrategyArg,
+    /// Who starts each change: the guest on vCPU 0 (default with --backend kvm) or a host
+    /// thread (the only choice with --backend soft).
+    #[arg(long, value_enum)]
+    trigger: Option<TriggerArg>,
     /// Which layout changes to cycle through.
     #[arg(long, value_enum, default_value_t = WorkloadArg::Mixed)]
     workload: WorkloadArg,
@@ -110,6 +135,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             return Err(format!("--duration takes a positive number of seconds, not {d}").into());
         }
     }
+    let trigger = trigger(args.backend, args.trigger)?;
     if args.backend == BackendArg::Kvm {
         require_kvm()?;
     }
@@ -119,6 +145,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     };
     let config = StressConfig {
         strategy: args.strategy.into(),
+        trigger,
         workload: args.workload.into(),
         vcpus: usize::from(args.vcpus),
         updates: args.updates,
@@ -192,8 +219,8 @@ pub fn require_kvm() -> Result<(), Box<dyn Error>> {
 /// The human summary table.
 pub fn print_summary(r: &StressReport) {
     println!(
-        "{} backend, {} strategy, workload {}, {} vCPUs",
-        r.backend, r.strategy, r.workload, r.vcpus
+        "{} backend, {} strategy, {} trigger, workload {}, {} vCPUs",
+        r.backend, r.strategy, r.trigger, r.workload, r.vcpus
     );
     let rows: [(&str, String); 13] = [
         ("updates (batches applied)", r.updates.to_string()),

@@ -12,6 +12,7 @@ use memslots::kvm::{Backing, GateVcpu, SlotUpdater, Strategy, VcpuGate, Vm};
 use memslots::model::{SlotCall, SlotFlags};
 use memslots::planner::{Listener, Plan, Section};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vmm_sys_util::signal::SIGRTMIN;
 
 const RAM: u64 = 2 << 20;
 const ROM: u64 = 0x2_0000;
@@ -38,7 +39,9 @@ fn main() -> Result<(), Box<dyn Error>> {
             return Ok(());
         }
     };
-    let gate = Arc::new(VcpuGate::new());
+    // The VMM names the kick signal (not SIGRTMIN if its own vCPU loop already uses that one,
+    // or pass its own `Kick`): memslots never replaces a handler it did not install.
+    let gate = Arc::new(VcpuGate::with_signal(SIGRTMIN() + 2)?);
     let mut updater = SlotUpdater::new(vm.clone(), gate.clone());
     let ram = updater.add_backing(Backing::anonymous("ram", RAM)?);
     let rom = updater.add_backing(Backing::anonymous("rom", ROM)?);
@@ -71,10 +74,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let thread = {
         let (gate, stop) = (gate.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut vcpu = GateVcpu::join(gate, vcpu_fd);
+            let mut vcpu = GateVcpu::new(&gate, 0, vcpu_fd).expect("register the vCPU");
             while !stop.load(Ordering::SeqCst) {
                 match vcpu.run() {
-                    Ok(None) => {} // kicked or parked: go round
+                    Ok(None) => {} // kicked: go round (the next entry waits out a quiesce)
                     Ok(Some(exit)) => {
                         eprintln!("unexpected exit: {exit:?}");
                         break;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::conformance::SplitMix64;
-use crate::kvm::{ApplyError, FaultInjector, Strategy, TestVm, TestVmConfig};
+use crate::kvm::{ApplyError, FaultInjector, SlotUpdater, Strategy, TestVm, TestVmConfig};
 use crate::model::{Layout, SlotCall, PAGE_SIZE};
 use crate::planner::MemoryMap;
 use crate::workload::{Arena, Workload, WorkloadKind};
@@ -15,11 +15,33 @@ use crate::workload::{Arena, Workload, WorkloadKind};
 /// Where workloads live in guest-physical space (above the test guest's private slot).
 pub const ARENA_GPA: u64 = 0x1000_0000;
 
+/// Where each layout change is started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The guest on vCPU 0 asks for it with a port write; the vCPU thread handling that exit
+    /// plans and applies it while the other vCPUs run (as in a VMM).
+    Guest,
+    /// A separate updater thread plans and applies it.
+    Host,
+}
+
+impl Trigger {
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Guest => "guest",
+            Trigger::Host => "host",
+        }
+    }
+}
+
 /// What to run.
 #[derive(Clone, Copy, Debug)]
 pub struct StressConfig {
     /// How updates are applied.
     pub strategy: Strategy,
+    /// Where updates are started.
+    pub trigger: Trigger,
     /// Which layout changes.
     pub workload: WorkloadKind,
     /// vCPUs running the guest.
@@ -44,6 +66,8 @@ pub struct StressReport {
     pub backend: &'static str,
     /// `atomic`, `qemu` or `naive`.
     pub strategy: &'static str,
+    /// `guest` (vCPU 0 asks, its thread applies) or `host` (an updater thread).
+    pub trigger: &'static str,
     /// The workload (or the trace's file name, for replay).
     pub workload: String,
     /// vCPUs.
@@ -132,10 +156,12 @@ impl Tally {
         self.update_us.push(us(stats.update));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn report(
         self,
         vm: &TestVm,
         strategy: Strategy,
+        trigger: Trigger,
         workload: String,
         vcpus: usize,
         lost_dirty_pages: u64,
@@ -145,6 +171,7 @@ impl Tally {
         StressReport {
             backend: "kvm",
             strategy: strategy.name(),
+            trigger: trigger.name(),
             workload,
             vcpus,
             updates: self.updates,
@@ -184,6 +211,24 @@ pub enum StressError {
     /// Neither a count nor a duration.
     #[error("a stress run needs --updates or --duration")]
     Unbounded,
+}
+
+/// Why a change run on a vCPU thread failed, before it comes back to the caller.
+enum ChangeError {
+    Plan(crate::planner::PlanError),
+    Apply(ApplyError),
+}
+
+/// Runs `change` as `trigger` says: on vCPU 0's thread when the guest asks, or here.
+fn apply_change<R: Send + 'static>(
+    vm: &TestVm,
+    trigger: Trigger,
+    change: impl FnOnce(&mut SlotUpdater) -> R + Send + 'static,
+) -> Result<R, crate::kvm::TestVmError> {
+    match trigger {
+        Trigger::Host => Ok(change(&mut vm.updater())),
+        Trigger::Guest => vm.apply_on_vcpu0(change),
+    }
 }
 
 /// Checks that every page written while logging was on is reported by some harvest.
@@ -255,7 +300,7 @@ impl DirtyCheck {
                 }
                 self.snapshot.insert(page, now);
             }
-            self.eligible = self.logging(vm.layout());
+            self.eligible = self.logging(&vm.layout());
         });
     }
 }
@@ -371,8 +416,8 @@ impl WorkloadVm {
         Ok(())
     }
 
-    /// The workload's next update, applied with `strategy`.
-    pub fn step(&mut self, strategy: Strategy) -> Result<Step, StressError> {
+    /// The workload's next update, applied with `strategy`, started as `trigger` says.
+    pub fn step(&mut self, strategy: Strategy, trigger: Trigger) -> Result<Step, StressError> {
         let update = self
             .workload
             .next(&mut self.sections)
@@ -381,24 +426,30 @@ impl WorkloadVm {
         after
             .apply_batch(update.batch.calls())
             .map_err(|e| StressError::Workload(crate::model::PrimitiveError::Refused(e)))?;
-        let calls: Vec<SlotCall> = match strategy {
-            Strategy::Atomic => {
-                crate::planner::plan(self.vm.layout(), &MemoryMap::from_layout(&after))
-                    .map_err(StressError::Plan)?
+        let map = MemoryMap::from_layout(&after);
+        let given = update.batch.calls().to_vec();
+        let change = move |u: &mut SlotUpdater| {
+            let calls: Vec<SlotCall> = match strategy {
+                Strategy::Atomic => crate::planner::plan(u.layout(), &map)
+                    .map_err(ChangeError::Plan)?
                     .calls
                     .iter()
                     .map(|p| p.call)
-                    .collect()
-            }
-            _ => update.batch.calls().to_vec(),
+                    .collect(),
+                _ => given,
+            };
+            u.apply(&calls, strategy).map_err(ChangeError::Apply)
         };
-        match self.vm.apply(&calls, strategy) {
+        match apply_change(&self.vm, trigger, change)? {
             Ok(stats) => {
                 self.sections = after;
                 Ok(Step::Applied(stats))
             }
-            Err(ApplyError::RolledBack { stats, .. }) => Ok(Step::RolledBack(*stats)),
-            Err(e) => Err(StressError::Apply(e)),
+            Err(ChangeError::Apply(ApplyError::RolledBack { stats, .. })) => {
+                Ok(Step::RolledBack(*stats))
+            }
+            Err(ChangeError::Apply(e)) => Err(StressError::Apply(e)),
+            Err(ChangeError::Plan(e)) => Err(StressError::Plan(e)),
         }
     }
 
@@ -451,11 +502,11 @@ pub fn run(
         {
             break;
         }
-        match run.step(config.strategy)? {
+        match run.step(config.strategy, config.trigger)? {
             Step::Applied(stats) => tally.record(&stats, true),
             Step::RolledBack(stats) => tally.record(&stats, false),
         }
-        dirty.after_update(run.vm().layout());
+        dirty.after_update(&run.vm().layout());
         dirty.harvest(run.vm_mut());
         progress(tally.updates, config.updates);
         // Let the guest run over the new layout before the next change.
@@ -464,6 +515,7 @@ pub fn run(
     let report = tally.report(
         run.vm(),
         config.strategy,
+        config.trigger,
         kind.name().to_owned(),
         config.vcpus,
         dirty.lost,
@@ -478,6 +530,8 @@ pub fn run(
 pub struct ReplayConfig {
     /// How each commit is applied: the planner's batch for `atomic`, QEMU's own calls otherwise.
     pub strategy: Strategy,
+    /// Where each commit is started.
+    pub trigger: Trigger,
     /// vCPUs running the guest.
     pub vcpus: usize,
     /// Times through the trace (forward, then back to the first commit's layout).
@@ -561,6 +615,32 @@ impl HostLayout {
     }
 }
 
+/// One commit of a trace to plan: the planner's batch for `atomic`, QEMU's calls otherwise.
+struct Commit {
+    strategy: Strategy,
+    target: MemoryMap,
+    /// QEMU's accepted calls of the commit (`None` for commit 0, reached back from the end).
+    qemu: Option<Vec<SlotCall>>,
+    /// QEMU's layout after commit 0 (only for commit 0).
+    first_layout: Option<Layout>,
+}
+
+impl Commit {
+    /// The calls from `shadow` (the VM's slots in QEMU's host addresses) to this commit.
+    fn calls(&self, shadow: &Layout) -> Result<Vec<SlotCall>, crate::planner::PlanError> {
+        Ok(match (self.strategy, &self.qemu, &self.first_layout) {
+            (Strategy::Atomic, ..) => crate::planner::plan(shadow, &self.target)?
+                .calls
+                .iter()
+                .map(|p| p.call)
+                .collect(),
+            (_, Some(calls), _) => calls.clone(),
+            (_, None, Some(first)) => crate::kvm::qemu_batch(shadow, first),
+            (_, None, None) => Vec::new(),
+        })
+    }
+}
+
 /// The mapping each target has at `gpa` (address space 0): host, if mapped.
 fn host_at(map: &crate::planner::MemoryMap, gpa: u64) -> Option<u64> {
     map.regions()
@@ -596,8 +676,7 @@ pub struct TraceVm {
     calls: Vec<Vec<SlotCall>>,
     /// QEMU's layout after commit 0, for the way back.
     first_layout: Layout,
-    hosts: HostLayout,
-    window: u64,
+    hosts: std::sync::Arc<HostLayout>,
     arena: u64,
     probes: Vec<(u64, u64)>,
     /// The VM's slots in QEMU's host addresses.
@@ -639,7 +718,7 @@ impl TraceVm {
         for call in &calls[0] {
             let _ = first_layout.apply(call);
         }
-        let hosts = HostLayout::of(trace);
+        let hosts = std::sync::Arc::new(HostLayout::of(trace));
         // A 2 MiB window below 4 GiB that no commit maps, for the guest's own slot.
         let window = (1..(0xffe0_0000 / crate::kvm::guest::PRIVATE_SIZE))
             .rev()
@@ -657,6 +736,7 @@ impl TraceVm {
             vcpus,
             arena_size: hosts.size,
             private_gpa: window,
+            ..TestVmConfig::new(vcpus, hosts.size)
         })
         .map_err(StressError::from)?;
         let arena = vm.arena_host();
@@ -698,7 +778,6 @@ impl TraceVm {
             calls,
             first_layout,
             hosts,
-            window,
             arena,
             probes,
             shadow: Layout::new(limits),
@@ -718,17 +797,28 @@ impl TraceVm {
 
     /// The calls that take the VM from where it is to commit `c`, in QEMU's host addresses.
     fn calls_to(&self, c: usize) -> Result<Vec<SlotCall>, ReplayError> {
-        Ok(match self.strategy {
-            Strategy::Atomic => crate::planner::plan(&self.shadow, &self.targets[c])
-                .map_err(|source| ReplayError::Plan { commit: c, source })?
-                .calls
-                .iter()
-                .map(|p| p.call)
-                .collect(),
+        self.commit(c)
+            .calls(&self.shadow)
+            .map_err(|source| ReplayError::Plan { commit: c, source })
+    }
+
+    /// What planning commit `c` needs, owned (it may be planned on a vCPU thread).
+    fn commit(&self, c: usize) -> Commit {
+        Commit {
+            strategy: self.strategy,
+            target: self.targets[c].clone(),
             // QEMU's own calls forward; its listener's calls back to (and into) commit 0.
-            _ if c == 0 => crate::kvm::qemu_batch(&self.shadow, &self.first_layout),
-            _ => self.calls[c].clone(),
-        })
+            qemu: if c == 0 {
+                None
+            } else {
+                Some(self.calls[c].clone())
+            },
+            first_layout: if c == 0 {
+                Some(self.first_layout.clone())
+            } else {
+                None
+            },
+        }
     }
 
     /// Starts the vCPUs on the probes and waits until each has made a pass over them.
@@ -753,25 +843,32 @@ impl TraceVm {
         self.targets.len()
     }
 
-    /// The next commit (after the last, commit 0 again), applied. A batch rolled back (by an
-    /// injected fault) leaves the VM where it was; the next step tries the same commit again.
-    pub fn step(&mut self) -> Result<Step, ReplayError> {
+    /// The next commit (after the last, commit 0 again), applied, started as `trigger` says. A
+    /// batch rolled back (by an injected fault) leaves the VM where it was; the next step tries
+    /// the same commit again.
+    pub fn step(&mut self, trigger: Trigger) -> Result<Step, ReplayError> {
         let c = (self.at + 1) % self.targets.len();
-        let calls = self.calls_to(c)?;
-        let ours: Vec<SlotCall> = calls
-            .iter()
-            .map(|call| self.hosts.call(self.arena, call))
-            .collect();
-        match self.vm.apply(&ours, self.strategy) {
-            Ok(stats) => {
+        let (commit, shadow) = (self.commit(c), self.shadow.clone());
+        let (hosts, arena, strategy) = (self.hosts.clone(), self.arena, self.strategy);
+        let change = move |u: &mut SlotUpdater| {
+            let calls = commit.calls(&shadow).map_err(ChangeError::Plan)?;
+            let ours: Vec<SlotCall> = calls.iter().map(|call| hosts.call(arena, call)).collect();
+            let stats = u.apply(&ours, strategy).map_err(ChangeError::Apply)?;
+            Ok((calls, stats))
+        };
+        match apply_change(&self.vm, trigger, change).map_err(StressError::from)? {
+            Ok((calls, stats)) => {
                 self.shadow
                     .apply_batch(&calls)
                     .expect("the model accepted these calls for the VM");
                 self.at = c;
                 Ok(Step::Applied(stats))
             }
-            Err(ApplyError::RolledBack { stats, .. }) => Ok(Step::RolledBack(*stats)),
-            Err(e) => Err(StressError::Apply(e).into()),
+            Err(ChangeError::Apply(ApplyError::RolledBack { stats, .. })) => {
+                Ok(Step::RolledBack(*stats))
+            }
+            Err(ChangeError::Apply(e)) => Err(StressError::Apply(e).into()),
+            Err(ChangeError::Plan(source)) => Err(ReplayError::Plan { commit: c, source }),
         }
     }
 
@@ -780,7 +877,7 @@ impl TraceVm {
     pub fn layout_matches(&self) -> bool {
         let mut seen = Layout::new(*self.shadow.limits());
         for s in self.vm.layout().slots() {
-            if s.gpa == self.window && s.size == crate::kvm::guest::PRIVATE_SIZE {
+            if s.id == self.vm.private_slot_id() {
                 continue;
             }
             let host = self.hosts.to_qemu(self.arena, s.host).unwrap_or(0);
@@ -832,13 +929,13 @@ pub fn replay(
     for _ in 0..total {
         // A batch rolled back by an injected fault is tried again: the trace must go on.
         loop {
-            match run.step()? {
+            match run.step(config.trigger)? {
                 Step::Applied(stats) => break tally.record(&stats, true),
                 Step::RolledBack(stats) => tally.record(&stats, false),
             }
         }
         matches &= run.layout_matches();
-        dirty.after_update(run.vm().layout());
+        dirty.after_update(&run.vm().layout());
         dirty.harvest(run.vm_mut());
         progress(tally.updates, Some(total));
         // Let every vCPU make a full pass over its probes on this commit's layout.
@@ -847,6 +944,7 @@ pub fn replay(
     Ok(tally.report(
         run.vm(),
         config.strategy,
+        config.trigger,
         name.to_owned(),
         config.vcpus,
         dirty.lost,

@@ -31,7 +31,10 @@ fn backends() -> Option<(SlotUpdater, SoftMemory, Arc<Backing>)> {
     }
     let vm = Arc::new(Vm::new().expect("a VM"));
     let limits = *vm.limits();
-    let mut kvm = SlotUpdater::new(vm, Arc::new(VcpuGate::new()));
+    let mut kvm = SlotUpdater::new(
+        vm,
+        Arc::new(VcpuGate::with_signal(memslots::kvm::kick_signal()).expect("kick signal")),
+    );
     let backing = kvm.add_backing(
         Backing::anonymous("arena", WorkloadKind::Mixed.arena_size()).expect("arena memory"),
     );

@@ -366,7 +366,10 @@ fn unique(what: &str) -> String {
 
 fn updater() -> (Arc<Vm>, SlotUpdater) {
     let vm = Arc::new(Vm::new().expect("VM"));
-    let u = SlotUpdater::new(vm.clone(), Arc::new(VcpuGate::new()));
+    let u = SlotUpdater::new(
+        vm.clone(),
+        Arc::new(VcpuGate::with_signal(memslots::kvm::kick_signal()).expect("kick signal")),
+    );
     (vm, u)
 }
 
@@ -458,7 +461,10 @@ fn memory_is_released_once_no_slot_refers_to_it_and_not_before() {
     // An updater dropped while its VM lives on takes its slots with it before the memory goes
     // (no device view was handed out, so nothing else refers to the memory).
     let name = unique("updater");
-    let mut u = SlotUpdater::new(vm.clone(), Arc::new(VcpuGate::new()));
+    let mut u = SlotUpdater::new(
+        vm.clone(),
+        Arc::new(VcpuGate::with_signal(memslots::kvm::kick_signal()).expect("kick signal")),
+    );
     let b = u.add_backing(Backing::memfd(&name, 2 * PAGE_SIZE, false).expect("memfd"));
     let (host, size) = (b.host(), b.size());
     drop(b);

@@ -11,7 +11,10 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 fn updater() -> Option<SlotUpdater> {
     match Vm::new() {
-        Ok(vm) => Some(SlotUpdater::new(Arc::new(vm), Arc::new(VcpuGate::new()))),
+        Ok(vm) => Some(SlotUpdater::new(
+            Arc::new(vm),
+            Arc::new(VcpuGate::with_signal(memslots::kvm::kick_signal()).expect("kick signal")),
+        )),
         Err(e) => {
             eprintln!("SKIPPED: /dev/kvm cannot be used ({e}); this KVM test did not run");
             None

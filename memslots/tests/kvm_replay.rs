@@ -2,7 +2,7 @@
 //! ending each commit in the trace's mapping; QEMU's own calls, made naively, show the holes.
 
 use memslots::kvm::Strategy;
-use memslots::stress::{replay, ReplayConfig};
+use memslots::stress::{replay, ReplayConfig, Trigger};
 use memslots::trace::Trace;
 
 mod support;
@@ -11,6 +11,7 @@ use support::{kvm_or_skip, traces};
 fn config(strategy: Strategy) -> ReplayConfig {
     ReplayConfig {
         strategy,
+        trigger: Trigger::Guest,
         vcpus: 2,
         loops: 2,
         seed: 1,

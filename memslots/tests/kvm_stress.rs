@@ -6,16 +6,26 @@
 use std::time::{Duration, Instant};
 
 use memslots::kvm::{ApplyError, FaultInjector, Strategy, TestVm};
-use memslots::stress::{run, StressConfig, StressReport, WorkloadVm};
+use memslots::stress::{run, StressConfig, StressReport, Trigger, WorkloadVm};
 use memslots::workload::{Workload, WorkloadKind};
 
 mod support;
 use support::{assert_guest_clean, kvm_or_skip};
 
 fn stress(workload: WorkloadKind, strategy: Strategy, updates: u64) -> StressReport {
+    stress_with(workload, strategy, Trigger::Guest, updates)
+}
+
+fn stress_with(
+    workload: WorkloadKind,
+    strategy: Strategy,
+    trigger: Trigger,
+    updates: u64,
+) -> StressReport {
     let report = run(
         &StressConfig {
             strategy,
+            trigger,
             workload,
             vcpus: 2,
             updates: Some(updates),
@@ -27,9 +37,10 @@ fn stress(workload: WorkloadKind, strategy: Strategy, updates: u64) -> StressRep
     )
     .expect("stress run");
     eprintln!(
-        "{workload} {}: updates {} ioctls {} accesses {} spurious {} internal {} data {} \
+        "{workload} {} {}: updates {} ioctls {} accesses {} spurious {} internal {} data {} \
          lost-dirty {} blackout p50 {:.0} us p99 {:.0} us total {:.0} us",
         strategy.name(),
+        trigger.name(),
         report.updates,
         report.ioctls,
         report.guest_accesses,
@@ -112,6 +123,32 @@ fn naive_shows_spurious_exits_and_fetch_crashes() {
     assert!(
         r.internal_errors > 0,
         "executing from a re-slotted range crashes"
+    );
+}
+
+#[test]
+fn host_trigger_every_strategy() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let r = stress_with(
+        WorkloadKind::Mixed,
+        Strategy::Atomic,
+        Trigger::Host,
+        UPDATES,
+    );
+    assert!(r.clean(), "{:?}", r.first_problem);
+    let r = stress_with(
+        WorkloadKind::Mixed,
+        Strategy::Qemu,
+        Trigger::Host,
+        UPDATES / 2,
+    );
+    assert!(r.clean(), "{:?}", r.first_problem);
+    let r = stress_with(WorkloadKind::Pam, Strategy::Naive, Trigger::Host, UPDATES);
+    assert!(
+        r.spurious_exits + r.internal_errors > 0,
+        "naive shows holes"
     );
 }
 
@@ -202,8 +239,8 @@ fn fault_at_every_call_rolls_back_exactly() {
                     other => panic!("{} call {k}: {other:?}", update.name),
                 }
                 assert_eq!(
-                    vm.layout(),
-                    &before,
+                    *vm.layout(),
+                    before,
                     "{} call {k}: layout restored",
                     update.name
                 );
@@ -229,15 +266,17 @@ fn kick_race_every_quiesce_parks_everyone() {
     let (mut vm, _) = running(WorkloadKind::Resize);
     wait_for_rounds(&vm, 5);
     // Quiesce over and over with no pause: a lost kick would hang here (the watchdog below
-    // turns a hang into a failure), and a vCPU that kept running would advance the rounds.
+    // turns a hang into a failure), and a vCPU that kept running guest code would advance the
+    // rounds the guest counts in its own memory.
+    let guest_rounds = |vm: &TestVm| (0..2).map(|i| vm.vcpu_rounds(i)).sum::<u64>();
     let start = Instant::now();
     for i in 0..3000 {
         let advanced = vm.with_vcpus_parked(|vm| {
-            let at_park = vm.guest_stats().rounds;
+            let at_park = guest_rounds(vm);
             if i % 100 == 0 {
                 std::thread::sleep(Duration::from_millis(2));
             }
-            vm.guest_stats().rounds != at_park
+            guest_rounds(vm) != at_park
         });
         assert!(!advanced, "a vCPU ran while parked (iteration {i})");
         assert!(

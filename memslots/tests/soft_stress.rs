@@ -13,6 +13,7 @@ use memslots::workload::WorkloadKind;
 
 fn config(strategy: Strategy, workload: WorkloadKind, updates: u64) -> StressConfig {
     StressConfig {
+        trigger: memslots::stress::Trigger::Host,
         strategy,
         workload,
         vcpus: 2,

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use memslots::kvm::{ApplyStats, Strategy, TestVm};
-use memslots::stress::{Step, TraceVm, WorkloadVm};
+use memslots::stress::{Step, TraceVm, Trigger, WorkloadVm};
 use memslots::workload::WorkloadKind;
 
 use super::harness::{interleave, median, quantile, Figure, Mode};
@@ -33,6 +33,7 @@ enum Driver {
 struct Rig {
     driver: Driver,
     strategy: Strategy,
+    trigger: Trigger,
 }
 
 impl Rig {
@@ -50,6 +51,7 @@ impl Rig {
         Ok(Rig {
             driver: Driver::Workload(vm),
             strategy,
+            trigger: Trigger::Host,
         })
     }
 
@@ -65,6 +67,7 @@ impl Rig {
         Ok(Rig {
             driver: Driver::Trace(vm),
             strategy,
+            trigger: Trigger::Host,
         })
     }
 
@@ -78,8 +81,8 @@ impl Rig {
     /// The next update, applied as `memslots stress` (or `replay`) applies it.
     fn step(&mut self) -> Result<ApplyStats, Box<dyn Error>> {
         let step = match &mut self.driver {
-            Driver::Workload(w) => w.step(self.strategy)?,
-            Driver::Trace(t) => t.step()?,
+            Driver::Workload(w) => w.step(self.strategy, self.trigger)?,
+            Driver::Trace(t) => t.step(self.trigger)?,
         };
         match step {
             Step::Applied(stats) => Ok(stats),

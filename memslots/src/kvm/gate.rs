@@ -1,257 +1,508 @@
-//! The vCPU gate: hold every vCPU outside `KVM_RUN` for as short a time as possible.
+//! The vCPU gate: an inhibitor of `KVM_RUN`, held only while slot calls could open a hole.
 //!
-//! A vCPU thread runs `KVM_RUN` through a [`GateVcpu`]; [`VcpuGate::quiesce`] asks every
-//! vCPU to park, kicks the ones inside `KVM_RUN` with a real-time signal whose handler sets the
-//! thread's `kvm_run.immediate_exit`, and waits (on a condvar, no polling) until all are parked.
-//! The returned [`Quiesced`] guard resumes them when dropped.
+//! Trade-off first: a vCPU counts as stopped whenever it is not inside `KVM_RUN` (QEMU's
+//! `accel-blocker` rule). A quiesce stops new entries, kicks only the vCPUs inside `KVM_RUN` and
+//! waits only for them. So it can be called from any thread, a vCPU thread in the middle of
+//! handling its exit included (where real layout changes start: a PAM, BAR or hot-plug register
+//! write), and a vCPU busy in device emulation delays nobody. The price: a vCPU may still be
+//! emulating an exit it took under the old layout while the new one is applied; that is the same
+//! as the change landing just after that exit, which the guest cannot tell apart.
 //!
-//! Why the kick cannot be lost: the quiescer publishes `requested` (SeqCst) before it signals. A
-//! vCPU clears `immediate_exit` *before* it checks `requested`, then enters `KVM_RUN`. If the
-//! signal lands before the check, the check sees `requested`; if it lands between the check and
-//! `KVM_RUN`, `immediate_exit` is 1 and `KVM_RUN` returns `EINTR` at once; if it lands inside
-//! `KVM_RUN`, the signal itself makes it return `EINTR`.
+//! No `KVM_RUN` result is thrown away: nothing is "completed" before a vCPU is held out. A pending
+//! MMIO or PIO exit completes on the vCPU's next entry, after the quiesce, under the new layout;
+//! KVM's API ties the completing entry to saving vCPU state, not to slot changes (DESIGN.md).
+//!
+//! The kick is the VMM's choice ([`Kick`]): the library's [`SignalKick`] on a signal the VMM
+//! names, or the VMM's own. The gate keeps its own mapping of each vCPU's `kvm_run` page, so
+//! `immediate_exit` is written from the kicking thread (never from a signal handler) into memory
+//! the gate owns, whatever the VMM does with its `VcpuFd`.
+//!
+//! Why no kick is lost: a vCPU stores `in_run` before it checks `inhibited`; a quiescer stores
+//! `inhibited` before it reads `in_run` (all SeqCst). Either the vCPU sees the inhibitor and backs
+//! off, or the quiescer sees the vCPU and kicks it: `immediate_exit = 1` makes a `KVM_RUN` that
+//! has not started return at once, and the signal interrupts one that has. A vCPU leaving
+//! `KVM_RUN` during a quiesce takes the gate's lock, which the quiescer holds while it kicks: a
+//! thread is never signalled after it has left, so a thread id is never stale.
 
-use std::cell::Cell;
-use std::os::raw::{c_int, c_void};
-use std::ptr;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, Once};
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::os::raw::c_int;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+/// How long a quiescer waits for a kicked vCPU before kicking it again (a kick that only signals
+/// can land just before `KVM_RUN` starts; Cloud Hypervisor re-sends too).
+const REKICK: Duration = Duration::from_millis(2);
 
-thread_local! {
-    /// This thread's `kvm_run`, for the kick handler (null when the thread runs no vCPU).
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(ptr::null_mut()) };
+/// Offset of `immediate_exit` in `struct kvm_run`.
+const IMMEDIATE_EXIT: usize = std::mem::offset_of!(kvm_bindings::kvm_run, immediate_exit);
+
+/// Makes a vCPU leave `KVM_RUN`: what a VMM implements to kick its vCPUs its own way.
+///
+/// The gate calls it with its lock held, only for a vCPU that is inside `KVM_RUN` or about to
+/// enter it, and again every few milliseconds while that vCPU stays inside. It must not block
+/// and must not call back into the gate.
+pub trait Kick: Send + Sync + fmt::Debug {
+    /// Kicks `vcpu` out of `KVM_RUN` (or stops it from entering).
+    fn kick(&self, vcpu: &KickTarget<'_>);
 }
 
-/// The real-time signal that kicks a vCPU out of `KVM_RUN`.
-pub fn kick_signal() -> c_int {
-    SIGRTMIN()
+/// The vCPU a [`Kick`] is asked to kick.
+#[derive(Debug)]
+pub struct KickTarget<'a> {
+    entry: &'a Entry,
 }
 
-extern "C" fn on_kick(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
-    // Const-initialised, destructor-free thread local: reading it is async-signal-safe.
-    let run = KVM_RUN.with(Cell::get);
-    if !run.is_null() {
-        // SAFETY: the pointer is this thread's own `kvm_run` mapping, set by `bind_kvm_run` and
-        // cleared before the mapping goes away; a signal handler runs on this thread, so the
-        // vCPU is not inside a Rust borrow of it that this write could break (KVM reads the
-        // field only when `KVM_RUN` starts).
-        unsafe { ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+impl KickTarget<'_> {
+    /// The index the VMM registered the vCPU with.
+    pub fn index(&self) -> usize {
+        self.entry.index
     }
-    fence(Ordering::SeqCst);
+
+    /// The kernel thread id of the thread running the vCPU (for `tgkill`).
+    pub fn tid(&self) -> libc::pid_t {
+        self.entry.tid.load(Ordering::SeqCst)
+    }
+
+    /// Sets the vCPU's `immediate_exit`, so that a `KVM_RUN` not yet started returns `EINTR` at
+    /// once. The gate clears it again before the vCPU's next entry (and only then: a value some
+    /// other component set is left alone).
+    pub fn set_immediate_exit(&self) {
+        self.entry.immediate_exit().store(1, Ordering::SeqCst);
+        self.entry.kicked.store(true, Ordering::SeqCst);
+    }
 }
 
-static HANDLER: Once = Once::new();
-
-fn install_handler() {
-    HANDLER.call_once(|| {
-        register_signal_handler(kick_signal(), on_kick)
-            .expect("the kick signal is a valid real-time signal");
-    });
+/// Why a kick could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum KickError {
+    /// Not a real-time signal.
+    #[error("signal {0} is not a real-time signal (SIGRTMIN..=SIGRTMAX)")]
+    NotRealTime(c_int),
+    /// The VMM (or another library) has a handler on the signal: it is not replaced.
+    #[error(
+        "signal {0} already has a handler that memslots did not install; name another signal, or \
+         use SignalKick::with_installed_handler to kick with that handler"
+    )]
+    HandlerInstalled(c_int),
+    /// The signal is ignored: it would never interrupt `KVM_RUN`.
+    #[error("signal {0} is ignored (SIG_IGN): it cannot interrupt KVM_RUN")]
+    Ignored(c_int),
+    /// `with_installed_handler` on a signal with no handler.
+    #[error("signal {0} has no handler installed (it would kill the process)")]
+    NoHandler(c_int),
+    /// `sigaction` failed.
+    #[error("sigaction({0})")]
+    Sigaction(c_int, #[source] std::io::Error),
 }
 
-/// Binds this thread's `kvm_run` for the kick handler; `None` unbinds.
-///
-/// # Safety
-///
-/// `run` must point to the `kvm_run` mapping of a vCPU that this thread runs, and must stay
-/// valid until this thread calls `bind_kvm_run(None)` (or exits).
-unsafe fn bind_kvm_run(run: Option<*mut kvm_run>) {
-    KVM_RUN.with(|c| c.set(run.unwrap_or(ptr::null_mut())));
+extern "C" fn on_kick(_: c_int) {
+    // Nothing to do: the kicker set `immediate_exit` before signalling; the signal only has to
+    // interrupt `KVM_RUN`, which any handler does.
+}
+
+/// Serializes looking at and installing handlers, so two gates cannot both see `SIG_DFL`.
+static HANDLERS: Mutex<()> = Mutex::new(());
+
+fn disposition(signal: c_int) -> Result<libc::sighandler_t, KickError> {
+    // SAFETY: a zeroed sigaction is a valid out-parameter; a null new action only reads.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: `old` is a valid, writable sigaction; the new action is null.
+    if unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) } != 0 {
+        return Err(KickError::Sigaction(
+            signal,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(old.sa_sigaction)
+}
+
+fn check_real_time(signal: c_int) -> Result<(), KickError> {
+    if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&signal) {
+        Ok(())
+    } else {
+        Err(KickError::NotRealTime(signal))
+    }
+}
+
+/// The library's kick: `immediate_exit` set, a fence, then `tgkill` with a real-time signal the
+/// VMM names.
+#[derive(Clone, Copy, Debug)]
+pub struct SignalKick {
+    signal: c_int,
+}
+
+impl SignalKick {
+    /// Kicks with `signal`, installing memslots' (empty) handler on it. Refuses a signal that has
+    /// a handler memslots did not install, or that is ignored: nothing is replaced.
+    pub fn new(signal: c_int) -> Result<Self, KickError> {
+        check_real_time(signal)?;
+        let _guard = HANDLERS.lock().unwrap_or_else(|p| p.into_inner());
+        let ours = on_kick as extern "C" fn(c_int) as libc::sighandler_t;
+        match disposition(signal)? {
+            d if d == ours => {}
+            libc::SIG_DFL => {
+                // SAFETY: a zeroed sigaction with an empty mask is valid; the handler is an
+                // async-signal-safe function that does nothing.
+                let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+                act.sa_sigaction = ours;
+                // SAFETY: `act.sa_mask` is a valid sigset to initialise.
+                unsafe { libc::sigemptyset(&mut act.sa_mask) };
+                // SAFETY: `act` is a valid action; the old one is not asked for.
+                if unsafe { libc::sigaction(signal, &act, std::ptr::null_mut()) } != 0 {
+                    return Err(KickError::Sigaction(
+                        signal,
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+            }
+            libc::SIG_IGN => return Err(KickError::Ignored(signal)),
+            _ => return Err(KickError::HandlerInstalled(signal)),
+        }
+        Ok(SignalKick { signal })
+    }
+
+    /// Kicks with `signal` through the handler the VMM already has on it (Firecracker and Cloud
+    /// Hypervisor have one on `SIGRTMIN`): any handler interrupts `KVM_RUN`. Nothing is installed.
+    pub fn with_installed_handler(signal: c_int) -> Result<Self, KickError> {
+        check_real_time(signal)?;
+        match disposition(signal)? {
+            libc::SIG_DFL => Err(KickError::NoHandler(signal)),
+            libc::SIG_IGN => Err(KickError::Ignored(signal)),
+            _ => Ok(SignalKick { signal }),
+        }
+    }
+
+    /// The signal.
+    pub fn signal(&self) -> c_int {
+        self.signal
+    }
+}
+
+impl Kick for SignalKick {
+    fn kick(&self, vcpu: &KickTarget<'_>) {
+        vcpu.set_immediate_exit();
+        // The store above must be visible before the signal makes the vCPU look.
+        fence(Ordering::SeqCst);
+        // SAFETY: plain syscall; the gate guarantees the thread is alive (it cannot leave
+        // `KVM_RUN` past the gate's lock, which is held during kicks). A failure (the thread
+        // already gone) is harmless.
+        unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                vcpu.tid(),
+                self.signal as libc::c_long,
+            )
+        };
+    }
+}
+
+/// The gate's own mapping of a vCPU's `kvm_run` page.
+struct RunPage(NonNull<u8>);
+
+// SAFETY: the page is only accessed through atomics (`immediate_exit`), from any thread.
+unsafe impl Send for RunPage {}
+// SAFETY: as above.
+unsafe impl Sync for RunPage {}
+
+impl RunPage {
+    fn map(vcpu: &kvm_ioctls::VcpuFd) -> std::io::Result<Self> {
+        // SAFETY: maps the first page of a vCPU fd (`struct kvm_run`) shared; the kernel keeps
+        // the vCPU alive while the mapping exists, whatever happens to `vcpu`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page_size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(RunPage(
+            NonNull::new(p.cast()).expect("mmap never returns null on success"),
+        ))
+    }
+}
+
+impl Drop for RunPage {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `map` with this size and nothing refers to it anymore
+        // (it lives in an `Entry`, dropped with its last reference).
+        unsafe { libc::munmap(self.0.as_ptr().cast(), page_size()) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
+}
+
+/// This thread's kernel id, cached.
+fn current_tid() -> libc::pid_t {
+    thread_local! {
+        static TID: std::cell::Cell<libc::pid_t> = const { std::cell::Cell::new(0) };
+    }
+    TID.with(|t| {
+        if t.get() == 0 {
+            // SAFETY: gettid has no preconditions.
+            t.set(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t);
+        }
+        t.get()
+    })
+}
+
+/// One registered vCPU.
+struct Entry {
+    index: usize,
+    /// The thread that last entered `KVM_RUN` through the ticket.
+    tid: AtomicI32,
+    /// Inside `KVM_RUN` (or about to enter it).
+    in_run: AtomicBool,
+    /// The gate's kick set `immediate_exit`; cleared (with it) before the next entry.
+    kicked: AtomicBool,
+    run: RunPage,
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("index", &self.index)
+            .field("tid", &self.tid)
+            .field("in_run", &self.in_run)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    fn immediate_exit(&self) -> &AtomicU8 {
+        // SAFETY: the byte lies inside the page this entry maps for as long as it lives;
+        // `AtomicU8` has the layout of `u8` and any alignment works. The kernel only reads it at
+        // `KVM_RUN` entry; every access from this process goes through this atomic (kvm-ioctls'
+        // own mapping of the page is a different address, never used by the gate).
+        unsafe { AtomicU8::from_ptr(self.run.0.as_ptr().add(IMMEDIATE_EXIT)) }
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
-    requested: bool,
-    parked: usize,
-    threads: Vec<libc::pthread_t>,
+    entries: Vec<Arc<Entry>>,
+    /// The thread holding the vCPUs out, and how many nested quiesces it made.
+    holder: Option<ThreadId>,
+    depth: usize,
+}
+
+/// Holds vCPUs out of `KVM_RUN` (see the module documentation).
+pub struct VcpuGate {
+    inhibited: AtomicBool,
+    state: Mutex<State>,
+    /// A vCPU left `KVM_RUN` during a quiesce.
+    left: Condvar,
+    /// A quiesce ended: vCPUs may enter, another quiescer may start.
+    released: Condvar,
+    kick: Box<dyn Kick>,
+}
+
+impl fmt::Debug for VcpuGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VcpuGate")
+            .field("inhibited", &self.inhibited)
+            .field("kick", &self.kick)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Times of one quiesce.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QuiesceTimes {
-    /// From the kick to every vCPU parked.
+    /// From the start of the quiesce to no vCPU inside `KVM_RUN`.
     pub kick_to_parked: Duration,
-    /// From the kick to the resume: how long the guest was held out.
+    /// From the start of the quiesce to the resume: how long entries were held out.
     pub blackout: Duration,
 }
 
-/// Parks and resumes vCPU threads.
-#[derive(Debug, Default)]
-pub struct VcpuGate {
-    requested: AtomicBool,
-    state: Mutex<State>,
-    parked_changed: Condvar,
-    resumed: Condvar,
-}
-
 impl VcpuGate {
-    /// A gate with no vCPU yet.
-    pub fn new() -> Self {
-        install_handler();
-        VcpuGate::default()
+    /// A gate whose vCPUs are kicked by `kick`.
+    pub fn new(kick: impl Kick + 'static) -> Self {
+        VcpuGate {
+            inhibited: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+            left: Condvar::new(),
+            released: Condvar::new(),
+            kick: Box::new(kick),
+        }
+    }
+
+    /// A gate kicking with the library's handler on `signal` (see [`SignalKick::new`]).
+    pub fn with_signal(signal: c_int) -> Result<Self, KickError> {
+        Ok(VcpuGate::new(SignalKick::new(signal)?))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers the calling thread as a vCPU thread (to be kicked).
-    fn register(&self) {
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        self.lock().threads.push(me);
+    /// Registers `vcpu` as vCPU `index` (the number the VMM's [`Kick`] is given). Its thread
+    /// enters `KVM_RUN` through the returned ticket; dropping the ticket unregisters it.
+    pub fn register(
+        self: &Arc<Self>,
+        index: usize,
+        vcpu: &kvm_ioctls::VcpuFd,
+    ) -> std::io::Result<VcpuTicket> {
+        let entry = Arc::new(Entry {
+            index,
+            tid: AtomicI32::new(0),
+            in_run: AtomicBool::new(false),
+            kicked: AtomicBool::new(false),
+            run: RunPage::map(vcpu)?,
+        });
+        self.lock().entries.push(entry.clone());
+        Ok(VcpuTicket {
+            gate: self.clone(),
+            entry,
+        })
     }
 
-    /// Unregisters the calling thread; a quiesce in progress stops waiting for it.
-    fn unregister(&self) {
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        let mut s = self.lock();
-        // SAFETY: pthread_equal only compares handles.
-        s.threads
-            .retain(|&t| unsafe { libc::pthread_equal(t, me) } == 0);
-        self.parked_changed.notify_all();
-    }
-
-    /// Whether a quiesce asks vCPUs to park. Checked by a vCPU thread after clearing its
-    /// `immediate_exit` and before `KVM_RUN`.
-    fn park_requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
-    }
-
-    /// Parks the calling vCPU thread until the quiesce ends. The caller must have completed any
-    /// pending MMIO/PIO exit first (one `KVM_RUN` with `immediate_exit = 1`).
-    fn park(&self) {
-        let mut s = self.lock();
-        s.parked += 1;
-        self.parked_changed.notify_all();
-        while s.requested {
-            s = self.resumed.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-        s.parked -= 1;
-    }
-
-    /// Kicks every vCPU out of `KVM_RUN` and waits until all are parked.
+    /// Stops new `KVM_RUN` entries, kicks every vCPU inside one and waits until none is. Callable
+    /// from any thread, a vCPU thread handling an exit included; a second caller waits for the
+    /// first to resume; a nested call from the holding thread returns at once.
     pub fn quiesce(&self) -> Quiesced<'_> {
         let start = Instant::now();
+        let me = std::thread::current().id();
         let mut s = self.lock();
-        assert!(!s.requested, "quiesce is not reentrant");
-        s.requested = true;
-        self.requested.store(true, Ordering::SeqCst);
-        for &t in &s.threads {
-            // SAFETY: `t` is a registered vCPU thread, which unregisters (under this lock)
-            // before it exits, so the handle is live; the signal has a handler installed.
-            unsafe { libc::pthread_kill(t, kick_signal()) };
+        if s.holder == Some(me) {
+            s.depth += 1;
+            return Quiesced::new(self, start);
         }
-        while s.parked < s.threads.len() {
-            s = self
-                .parked_changed
-                .wait(s)
+        while s.holder.is_some() {
+            s = self.released.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.holder = Some(me);
+        s.depth = 1;
+        self.inhibited.store(true, Ordering::SeqCst);
+        let tid = current_tid();
+        let mut kick = true;
+        loop {
+            let mut inside = false;
+            for e in &s.entries {
+                // A vCPU thread calling this from its own run closure is not inside KVM_RUN.
+                if e.in_run.load(Ordering::SeqCst) && e.tid.load(Ordering::SeqCst) != tid {
+                    inside = true;
+                    if kick {
+                        self.kick.kick(&KickTarget { entry: e });
+                    }
+                }
+            }
+            if !inside {
+                break;
+            }
+            let (next, timeout) = self
+                .left
+                .wait_timeout(s, REKICK)
                 .unwrap_or_else(|p| p.into_inner());
+            s = next;
+            kick = timeout.timed_out();
         }
         drop(s);
-        Quiesced {
-            gate: self,
-            start,
-            parked: start.elapsed(),
-            done: false,
-        }
+        Quiesced::new(self, start)
     }
 
     fn resume(&self) {
         let mut s = self.lock();
-        s.requested = false;
-        self.requested.store(false, Ordering::SeqCst);
-        self.resumed.notify_all();
+        s.depth -= 1;
+        if s.depth == 0 {
+            s.holder = None;
+            self.inhibited.store(false, Ordering::SeqCst);
+            self.released.notify_all();
+        }
     }
 
-    /// Number of registered vCPU threads.
+    /// Number of registered vCPUs.
     pub fn vcpus(&self) -> usize {
-        self.lock().threads.len()
+        self.lock().entries.len()
+    }
+
+    /// Whether a quiesce holds entries out now.
+    pub fn is_inhibited(&self) -> bool {
+        self.inhibited.load(Ordering::SeqCst)
     }
 }
 
-/// A vCPU run through a gate, on the thread that created this: it owns the `VcpuFd`, so the
-/// `kvm_run` mapping the kick handler writes lives exactly as long as the binding. Not `Send`.
+/// A vCPU's pass through the gate: its thread calls [`VcpuTicket::run`] around each `KVM_RUN`.
+/// Dropping it unregisters the vCPU; forgetting it leaves a vCPU that never counts as inside.
 #[derive(Debug)]
-pub struct GateVcpu {
-    gate: std::sync::Arc<VcpuGate>,
-    vcpu: kvm_ioctls::VcpuFd,
-    /// The last `KVM_RUN` returned an exit whose operation (MMIO, PIO...) KVM completes only on
-    /// the next entry. After an `EINTR` nothing is pending: KVM finishes incomplete operations
-    /// before it looks at signals and `immediate_exit`.
-    exit_pending: bool,
-    _not_send: std::marker::PhantomData<*const ()>,
+pub struct VcpuTicket {
+    gate: Arc<VcpuGate>,
+    entry: Arc<Entry>,
 }
 
-impl GateVcpu {
-    /// Joins the calling thread to `gate` as the thread running `vcpu`.
-    pub fn join(gate: std::sync::Arc<VcpuGate>, mut vcpu: kvm_ioctls::VcpuFd) -> Self {
-        let run: *mut kvm_run = vcpu.get_kvm_run();
-        // SAFETY: the mapping belongs to `vcpu`, which `Self` owns; `Drop` unbinds it before the
-        // fd (and its mapping) go, and `Self` cannot leave this thread (not `Send`).
-        unsafe { bind_kvm_run(Some(run)) };
-        gate.register();
-        GateVcpu {
-            gate,
-            vcpu,
-            exit_pending: false,
-            _not_send: std::marker::PhantomData,
+impl VcpuTicket {
+    /// Runs `enter` (the VMM's `KVM_RUN`) as a vCPU inside the gate: waits first while a quiesce
+    /// holds entries out, clears the `immediate_exit` a gate kick set, and counts the vCPU inside
+    /// until `enter` returns (or unwinds). `enter` may return `EINTR` when kicked.
+    pub fn run<R>(&mut self, enter: impl FnOnce() -> R) -> R {
+        let (gate, e) = (&*self.gate, &*self.entry);
+        e.tid.store(current_tid(), Ordering::SeqCst);
+        loop {
+            if e.kicked.swap(false, Ordering::SeqCst) {
+                e.immediate_exit().store(0, Ordering::SeqCst);
+            }
+            e.in_run.store(true, Ordering::SeqCst);
+            if !gate.inhibited.load(Ordering::SeqCst) {
+                break;
+            }
+            e.in_run.store(false, Ordering::SeqCst);
+            let mut s = gate.lock();
+            gate.left.notify_all();
+            while gate.inhibited.load(Ordering::SeqCst) {
+                s = gate.released.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
         }
+        let _inside = Inside(gate, e);
+        enter()
     }
 
-    /// The vCPU, for register access between runs.
-    pub fn vcpu(&mut self) -> &mut kvm_ioctls::VcpuFd {
-        &mut self.vcpu
+    /// The index this vCPU was registered with.
+    pub fn index(&self) -> usize {
+        self.entry.index
     }
 
-    /// Runs the vCPU once through the gate. `Ok(None)`: it was kicked or parked (call again);
-    /// `Ok(Some(exit))`: an exit for the VMM to handle before the next call.
-    pub fn run(&mut self) -> Result<Option<kvm_ioctls::VcpuExit<'_>>, kvm_ioctls::Error> {
-        // Clear first, then check the gate: a kick after the check still stops `KVM_RUN`.
-        self.vcpu.set_kvm_immediate_exit(0);
-        if self.gate.park_requested() {
-            if self.exit_pending {
-                // Complete the pending exit without running guest code, then park.
-                self.vcpu.set_kvm_immediate_exit(1);
-                let _ = self.vcpu.run();
-                self.vcpu.set_kvm_immediate_exit(0);
-                self.exit_pending = false;
-            }
-            self.gate.park();
-            return Ok(None);
-        }
-        match self.vcpu.run() {
-            Ok(exit) => {
-                self.exit_pending = true;
-                Ok(Some(exit))
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.exit_pending = false;
-                Ok(None)
-            }
-            Err(e) => {
-                // Whatever state KVM is in, one more entry with `immediate_exit` is harmless.
-                self.exit_pending = true;
-                Err(e)
-            }
-        }
+    /// The gate.
+    pub fn gate(&self) -> &Arc<VcpuGate> {
+        &self.gate
     }
 }
 
-impl Drop for GateVcpu {
+/// Counts a vCPU out of `KVM_RUN` when dropped, even on unwind.
+struct Inside<'a>(&'a VcpuGate, &'a Entry);
+
+impl Drop for Inside<'_> {
     fn drop(&mut self) {
-        // SAFETY: unbinding; the mapping is still alive here.
-        unsafe { bind_kvm_run(None) };
-        self.gate.unregister();
+        self.1.in_run.store(false, Ordering::SeqCst);
+        if self.0.inhibited.load(Ordering::SeqCst) {
+            // Taking the lock also waits out a kick in progress (see the module documentation).
+            let _s = self.0.lock();
+            self.0.left.notify_all();
+        }
     }
 }
 
-/// Every vCPU is parked while this lives; dropping it (or [`Quiesced::resume`]) lets them run.
+impl Drop for VcpuTicket {
+    fn drop(&mut self) {
+        let mut s = self.gate.lock();
+        s.entries.retain(|e| !Arc::ptr_eq(e, &self.entry));
+    }
+}
+
+/// Entries are held out while this lives; dropping it (or [`Quiesced::resume`]) lets them in.
 #[derive(Debug)]
 pub struct Quiesced<'a> {
     gate: &'a VcpuGate,
@@ -260,8 +511,17 @@ pub struct Quiesced<'a> {
     done: bool,
 }
 
-impl Quiesced<'_> {
-    /// Resumes the vCPUs and says how long they were held out.
+impl<'a> Quiesced<'a> {
+    fn new(gate: &'a VcpuGate, start: Instant) -> Self {
+        Quiesced {
+            gate,
+            start,
+            parked: start.elapsed(),
+            done: false,
+        }
+    }
+
+    /// Lets the vCPUs in again and says how long they were held out.
     pub fn resume(mut self) -> QuiesceTimes {
         self.done = true;
         self.gate.resume();
@@ -277,5 +537,54 @@ impl Drop for Quiesced<'_> {
         if !self.done {
             self.gate.resume();
         }
+    }
+}
+
+/// A vCPU and its ticket on the thread that runs it: the reference run loop step, optional.
+#[derive(Debug)]
+pub struct GateVcpu {
+    ticket: VcpuTicket,
+    vcpu: kvm_ioctls::VcpuFd,
+}
+
+impl GateVcpu {
+    /// Registers `vcpu` with `gate` as vCPU `index`.
+    pub fn new(
+        gate: &Arc<VcpuGate>,
+        index: usize,
+        vcpu: kvm_ioctls::VcpuFd,
+    ) -> std::io::Result<Self> {
+        Ok(GateVcpu {
+            ticket: gate.register(index, &vcpu)?,
+            vcpu,
+        })
+    }
+
+    /// The vCPU, for register access between runs.
+    pub fn vcpu(&self) -> &kvm_ioctls::VcpuFd {
+        &self.vcpu
+    }
+
+    /// The vCPU, mutably. Safe to hand out: the gate kicks through its own mapping of
+    /// `kvm_run`, so replacing or dropping this fd cannot leave the kick writing freed memory.
+    pub fn vcpu_mut(&mut self) -> &mut kvm_ioctls::VcpuFd {
+        &mut self.vcpu
+    }
+
+    /// One `KVM_RUN` through the gate. `Ok(None)`: interrupted by a kick (call again; it waits
+    /// while a quiesce holds); `Ok(Some(exit))`: an exit for the VMM to handle before the next
+    /// call (KVM completes an MMIO/PIO exit on that next entry).
+    pub fn run(&mut self) -> Result<Option<kvm_ioctls::VcpuExit<'_>>, kvm_ioctls::Error> {
+        let vcpu = &mut self.vcpu;
+        match self.ticket.run(move || vcpu.run()) {
+            Ok(exit) => Ok(Some(exit)),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The vCPU's ticket.
+    pub fn ticket(&self) -> &VcpuTicket {
+        &self.ticket
     }
 }

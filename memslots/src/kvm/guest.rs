@@ -11,16 +11,35 @@
 //! ([`ctl::READS`]), MMIO answer ([`MMIO_READ_VALUE`]) included, so the host can see what the
 //! guest saw; a *read-only* probe ([`ctl::READ_ONLY`] in its cell) is only read and recorded,
 //! never checked or written.
+//!
+//! Each round also does what real guests do to devices, over a *device window* of two pages at
+//! the private window's base that no slot ever maps: a `rep movsd` from it and into it and a
+//! page-split dword read and write (all crossing its page boundary, so KVM splits them over
+//! several MMIO exits), and a `rep insb` and `rep outsb` of 48 bytes across a RAM page boundary
+//! (several PIO exits). The host answers every byte with [`device_byte`] of its address (or
+//! stream position) and checks every byte written against [`device_write_byte`]; the guest checks
+//! what it read the same way. An exit lost or completed with stale data is a data error on one
+//! side or the other. vCPU 0 can also request a layout change each round ([`port::UPDATE`]).
 
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
-/// Size of the private slot.
+/// Size of the private window (the device window, then the private slot).
 pub const PRIVATE_SIZE: u64 = 2 << 20;
+/// Offset of the device window: never mapped, answered by the host as MMIO.
+pub const DEVICE: u64 = 0;
+/// Size of the device window (two pages: accesses cross the boundary between them).
+pub const DEVICE_SIZE: u64 = 0x2000;
+/// Offset of the private slot (the rest of the window).
+pub const SLOT: u64 = DEVICE + DEVICE_SIZE;
 /// GDT offset.
-pub const GDT: u64 = 0x500;
+pub const GDT: u64 = 0x2000;
 /// Code offset.
-pub const CODE: u64 = 0x1000;
+pub const CODE: u64 = 0x3000;
+/// Offset of the per-vCPU device buffers (two pages each).
+pub const BUFFERS: u64 = 0x8_0000;
+/// Size of one vCPU's device buffer.
+pub const BUFFER_SIZE: u64 = 0x2000;
 /// Offset of the first control block.
 pub const CTL: u64 = 0x10_0000;
 /// Bytes of one vCPU's control block (header, expected values, stack at its top).
@@ -42,10 +61,16 @@ pub mod ctl {
     pub const EXEC: u64 = 0x10;
     /// Rounds completed.
     pub const ROUNDS: u64 = 0x14;
-    /// What the guest is doing: 1 read, 2 write, 3 exec, 0 between.
+    /// What the guest is doing: 1 read, 2 write, 3 exec, 4 device accesses, 0 between.
     pub const PHASE: u64 = 0x18;
+    /// Non-zero: make the device accesses each round.
+    pub const DEVICE: u64 = 0x1c;
+    /// GPA of this vCPU's device buffer.
+    pub const BUF: u64 = 0x20;
+    /// Non-zero: request a layout change ([`super::port::UPDATE`]) each round.
+    pub const TRIGGER: u64 = 0x24;
     /// Probes: `[gpa: u32, cell: u32]` each.
-    pub const PROBES: u64 = 0x20;
+    pub const PROBES: u64 = 0x40;
     /// Set in a probe's cell: the probe is only read (and the value recorded), never checked or
     /// written.
     pub const READ_ONLY: u32 = 0x8000_0000;
@@ -70,6 +95,37 @@ pub mod port {
     pub const DATA_ERROR: u16 = 0x11;
     /// The function in the re-slotted range returned the wrong value.
     pub const EXEC_ERROR: u16 = 0x12;
+    /// A byte the guest read from the device was wrong (the dword written: its address or
+    /// stream position).
+    pub const DEVICE_ERROR: u16 = 0x13;
+    /// The round's device accesses are done: the host checks it received every byte.
+    pub const DEVICE_DONE: u16 = 0x14;
+    /// `rep insb` source: byte `k` of a round's stream is [`super::device_byte`]`(PIO_IN + k)`.
+    pub const STRING_IN: u16 = 0x15;
+    /// `rep outsb` sink: byte `k` must be [`super::device_write_byte`]`(PIO_OUT + k)`.
+    pub const STRING_OUT: u16 = 0x16;
+    /// vCPU 0 asks for the next layout change.
+    pub const UPDATE: u16 = 0x17;
+}
+
+/// Stream position base of [`port::STRING_IN`] bytes.
+pub const PIO_IN: u32 = 0x100;
+/// Stream position base of [`port::STRING_OUT`] bytes.
+pub const PIO_OUT: u32 = 0x200;
+/// Bytes of each string PIO per round.
+pub const PIO_BYTES: u32 = 48;
+/// Bytes the guest writes to the device window per round (a 16-byte `rep movsd`, a dword).
+pub const MMIO_WRITE_BYTES: u32 = 20;
+
+/// What the device answers for byte `x` (an MMIO address, or a PIO stream position): different
+/// for neighbouring addresses, so stale data from another exit shows.
+pub fn device_byte(x: u32) -> u8 {
+    ((x ^ (x >> 8)) as u8) ^ 0xa5
+}
+
+/// What the guest writes to byte `x` of the device.
+pub fn device_write_byte(x: u32) -> u8 {
+    device_byte(x) ^ 0x3c
 }
 
 /// What a guest read that exits as MMIO returns: the host answers every byte with `0xff`.
@@ -101,10 +157,19 @@ pub fn stack_top(index: usize) -> u64 {
     ctl_offset(index) + CTL_SIZE
 }
 
+/// GPA of vCPU `index`'s device buffer, with the window at `base`.
+pub fn buffer(base: u64, index: usize) -> u64 {
+    base + BUFFERS + index as u64 * BUFFER_SIZE
+}
+
 /// Assembles the probe loop to run at `base + CODE`. Entry state: EBX = control block, EBP =
 /// this vCPU's byte offset inside each probe page, ESP = stack.
 pub fn code(base: u64) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(32)?;
+    let mut verify = a.create_label();
+    let mut fill = a.create_label();
+    let mut after_device = a.create_label();
+    let mut no_trigger = a.create_label();
     let mut top = a.create_label();
     let mut next = a.create_label();
     let mut write = a.create_label();
@@ -158,9 +223,135 @@ pub fn code(base: u64) -> Result<Vec<u8>, IcedError> {
     a.je(report)?;
     a.out(port::EXEC_ERROR as i32, eax)?;
     a.set_label(&mut report)?;
+    device_accesses(&mut a, base, &mut verify, &mut fill, &mut after_device)?;
     a.inc(c(ctl::ROUNDS))?;
     a.mov(c(ctl::PHASE), 0)?;
     a.out(port::ROUND as i32, al)?;
+    a.cmp(c(ctl::TRIGGER), 0)?;
+    a.je(no_trigger)?;
+    a.out(port::UPDATE as i32, al)?;
+    a.set_label(&mut no_trigger)?;
     a.jmp(top)?;
+    subroutines(&mut a, &mut verify, &mut fill)?;
     a.assemble(base + CODE)
+}
+
+/// The round's device accesses (when [`ctl::DEVICE`] is set). Clobbers EAX, ECX, EDX, ESI, EDI.
+fn device_accesses(
+    a: &mut CodeAssembler,
+    base: u64,
+    verify: &mut CodeLabel,
+    fill: &mut CodeLabel,
+    after: &mut CodeLabel,
+) -> Result<(), IcedError> {
+    let c = |off: u64| dword_ptr(ebx + off as i32);
+    let window = (base + DEVICE) as u32;
+    // 16 bytes straddling the window's page boundary, and a dword straddling it.
+    let span = window + 0xff8;
+    let split = window + 0xffe;
+    let buf_span = 0xff8;
+    let buf_pio = 0x1000 - PIO_BYTES / 2;
+    a.cmp(c(ctl::DEVICE), 0)?;
+    a.je(*after)?;
+    a.mov(c(ctl::PHASE), 4)?;
+    a.cld()?;
+    // String read from MMIO into RAM, then check.
+    a.mov(esi, span)?;
+    a.mov(edi, c(ctl::BUF))?;
+    a.add(edi, buf_span)?;
+    a.mov(ecx, 4)?;
+    a.rep().movsd()?;
+    a.mov(esi, c(ctl::BUF))?;
+    a.add(esi, buf_span)?;
+    a.mov(edi, span)?;
+    a.mov(ecx, 16)?;
+    a.call(*verify)?;
+    // Split read.
+    a.mov(eax, dword_ptr(split))?;
+    a.mov(esi, c(ctl::BUF))?;
+    a.mov(dword_ptr(esi), eax)?;
+    a.mov(edi, split)?;
+    a.mov(ecx, 4)?;
+    a.call(*verify)?;
+    // String write from RAM into MMIO.
+    a.mov(edi, c(ctl::BUF))?;
+    a.add(edi, buf_span)?;
+    a.mov(edx, span)?;
+    a.mov(ecx, 16)?;
+    a.call(*fill)?;
+    a.mov(esi, c(ctl::BUF))?;
+    a.add(esi, buf_span)?;
+    a.mov(edi, span)?;
+    a.mov(ecx, 4)?;
+    a.rep().movsd()?;
+    // Split write.
+    a.mov(edi, c(ctl::BUF))?;
+    a.mov(edx, split)?;
+    a.mov(ecx, 4)?;
+    a.call(*fill)?;
+    a.mov(esi, c(ctl::BUF))?;
+    a.mov(eax, dword_ptr(esi))?;
+    a.mov(dword_ptr(split), eax)?;
+    // String PIO in, across a RAM page boundary, then check.
+    a.mov(dx, port::STRING_IN as u32)?;
+    a.mov(edi, c(ctl::BUF))?;
+    a.add(edi, buf_pio)?;
+    a.mov(ecx, PIO_BYTES)?;
+    a.rep().insb()?;
+    a.mov(esi, c(ctl::BUF))?;
+    a.add(esi, buf_pio)?;
+    a.mov(edi, PIO_IN)?;
+    a.mov(ecx, PIO_BYTES)?;
+    a.call(*verify)?;
+    // String PIO out.
+    a.mov(edi, c(ctl::BUF))?;
+    a.add(edi, buf_pio)?;
+    a.mov(edx, PIO_OUT)?;
+    a.mov(ecx, PIO_BYTES)?;
+    a.call(*fill)?;
+    a.mov(dx, port::STRING_OUT as u32)?;
+    a.mov(esi, c(ctl::BUF))?;
+    a.add(esi, buf_pio)?;
+    a.mov(ecx, PIO_BYTES)?;
+    a.rep().outsb()?;
+    a.out(port::DEVICE_DONE as i32, al)?;
+    a.set_label(after)?;
+    Ok(())
+}
+
+/// `verify` (ESI = bytes, EDI = first x, ECX = count: reports each byte other than
+/// [`device_byte`] on [`port::DEVICE_ERROR`]) and `fill` (EDI = bytes, EDX = first x, ECX = count:
+/// writes [`device_write_byte`]). Both clobber EAX, ECX and advance their pointers.
+fn subroutines(
+    a: &mut CodeAssembler,
+    verify: &mut CodeLabel,
+    fill: &mut CodeLabel,
+) -> Result<(), IcedError> {
+    let mut vok = a.create_label();
+    a.set_label(verify)?;
+    a.mov(eax, edi)?;
+    a.shr(eax, 8)?;
+    a.xor(eax, edi)?;
+    a.xor(al, 0xa5)?;
+    a.cmp(al, byte_ptr(esi))?;
+    a.je(vok)?;
+    a.mov(eax, edi)?;
+    a.out(port::DEVICE_ERROR as i32, eax)?;
+    a.set_label(&mut vok)?;
+    a.inc(esi)?;
+    a.inc(edi)?;
+    a.dec(ecx)?;
+    a.jnz(*verify)?;
+    a.ret()?;
+    a.set_label(fill)?;
+    a.mov(eax, edx)?;
+    a.shr(eax, 8)?;
+    a.xor(eax, edx)?;
+    a.xor(al, 0xa5 ^ 0x3c)?;
+    a.mov(byte_ptr(edi), al)?;
+    a.inc(edi)?;
+    a.inc(edx)?;
+    a.dec(ecx)?;
+    a.jnz(*fill)?;
+    a.ret()
 }

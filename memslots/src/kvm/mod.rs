@@ -20,12 +20,14 @@ mod vcpu;
 mod vm;
 
 pub use dirty::DirtyLog;
-pub use gate::{GateVcpu, QuiesceTimes, Quiesced, VcpuGate};
+pub use gate::{
+    GateVcpu, Kick, KickError, KickTarget, QuiesceTimes, Quiesced, SignalKick, VcpuGate, VcpuTicket,
+};
 pub use memory::{Backing, HostMemory, MemoryError, HUGE_PAGE};
 pub use slots::{FaultInjector, SlotCallError, SlotTable};
-pub use testvm::{Probe, TestVm, TestVmConfig, TestVmError};
+pub use testvm::{kick_signal, LayoutRef, Probe, TestVm, TestVmConfig, TestVmError};
 pub use updater::{
     qemu_batch, ApplyError, ApplyPrimitiveError, ApplyStats, SlotUpdater, Strategy, UpdateObserver,
 };
-pub use vcpu::{GuestCounters, GuestStats};
+pub use vcpu::{GuestCounters, GuestStats, Job};
 pub use vm::{KvmError, Vm};

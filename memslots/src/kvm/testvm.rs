@@ -1,15 +1,17 @@
 //! A VM running the embedded test guest on vCPU threads, over a [`SlotUpdater`].
 
 use std::collections::BTreeSet;
+use std::ops::Deref;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::model::{Layout, Slot, SlotCall, SlotFlags, SlotId};
 
-use super::gate::VcpuGate;
+use super::gate::{KickError, VcpuGate};
 use super::guest::{self, ctl};
 use super::history::LayoutHistory;
 use super::memory::Backing;
@@ -45,7 +47,21 @@ pub enum TestVmError {
     /// A bad configuration.
     #[error("{0}")]
     Config(String),
+    /// The kick signal could not be set up.
+    #[error("setting up the vCPU kick")]
+    Kick(#[from] KickError),
+    /// vCPU 0 did not ask for a guest-triggered change in time.
+    #[error("vCPU 0 did not ask for the layout change within {0:?} (is the guest running?)")]
+    NoRequest(Duration),
 }
+
+/// The signal the test kit's gates kick vCPUs with: not `SIGRTMIN`, which VMMs use for their own.
+pub fn kick_signal() -> std::os::raw::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+/// How long a guest-triggered change may wait for vCPU 0 to ask for it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a [`TestVm`] is made of.
 #[derive(Clone, Copy, Debug)]
@@ -54,9 +70,14 @@ pub struct TestVmConfig {
     pub vcpus: usize,
     /// Bytes of the arena: the host memory workloads map.
     pub arena_size: u64,
-    /// Base GPA of the guest's private slot ([`guest::PRIVATE_SIZE`] bytes, below 4 GiB, 2 MiB
-    /// aligned); workloads must leave it alone.
+    /// Base GPA of the guest's private window ([`guest::PRIVATE_SIZE`] bytes, below 4 GiB, 2 MiB
+    /// aligned: the device window, then the private slot); workloads must leave it alone.
     pub private_gpa: u64,
+    /// Whether the guest makes its string and split device accesses each round.
+    pub device: bool,
+    /// The old gate's bug, on purpose (see [`VcpuShared::drop_exits_on_quiesce`]): shows that
+    /// the device checks see a lost exit.
+    pub drop_exits_on_quiesce: bool,
 }
 
 impl TestVmConfig {
@@ -66,6 +87,8 @@ impl TestVmConfig {
             vcpus,
             arena_size,
             private_gpa: 0,
+            device: true,
+            drop_exits_on_quiesce: false,
         }
     }
 }
@@ -98,13 +121,27 @@ impl Probe {
 /// A VM running the embedded test guest, with its host memory, slots, gate and counters.
 #[derive(Debug)]
 pub struct TestVm {
-    updater: SlotUpdater,
+    updater: Arc<Mutex<SlotUpdater>>,
     shared: Arc<VcpuShared>,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     threads: Vec<JoinHandle<()>>,
     private: Arc<Backing>,
     arena: Arc<Backing>,
     private_gpa: u64,
+    private_id: SlotId,
+    device: bool,
+}
+
+/// The layout of a [`TestVm`], borrowed (the updater stays locked while this lives).
+#[derive(Debug)]
+pub struct LayoutRef<'a>(MutexGuard<'a, SlotUpdater>);
+
+impl Deref for LayoutRef<'_> {
+    type Target = Layout;
+
+    fn deref(&self) -> &Layout {
+        self.0.layout()
+    }
 }
 
 impl TestVm {
@@ -124,7 +161,7 @@ impl TestVm {
             )));
         }
         let vm = Arc::new(Vm::new()?);
-        let gate = Arc::new(VcpuGate::new());
+        let gate = Arc::new(VcpuGate::with_signal(kick_signal())?);
         let mut updater = SlotUpdater::new(vm.clone(), gate.clone());
         let private = updater.add_backing(
             Backing::anonymous("private", guest::PRIVATE_SIZE).map_err(TestVmError::Memory)?,
@@ -139,9 +176,9 @@ impl TestVm {
         let private_slot = Slot {
             // The highest id, so that workloads and traces keep the low ones.
             id: SlotId::new(vm.limits().slots - 1),
-            gpa: base,
-            size: guest::PRIVATE_SIZE,
-            host: private.host(),
+            gpa: base + guest::SLOT,
+            size: guest::PRIVATE_SIZE - guest::SLOT,
+            host: private.host() + guest::SLOT,
             flags: SlotFlags::NONE,
         };
         updater
@@ -159,12 +196,16 @@ impl TestVm {
         }
         let history = Arc::new(LayoutHistory::new(updater.layout().clone()));
         updater.set_observer(history.clone());
+        let updater = Arc::new(Mutex::new(updater));
         let shared = Arc::new(VcpuShared {
             gate,
+            updater: updater.clone(),
+            job: Mutex::new(None),
             stop: Default::default(),
             history,
             counters: Default::default(),
             first_problem: Default::default(),
+            drop_exits_on_quiesce: config.drop_exits_on_quiesce,
         });
         Ok(TestVm {
             updater,
@@ -174,6 +215,8 @@ impl TestVm {
             private,
             arena,
             private_gpa: base,
+            private_id: private_slot.id,
+            device: config.device,
         })
     }
 
@@ -187,29 +230,34 @@ impl TestVm {
         &self.arena
     }
 
-    /// The layout (equal to the kernel's).
-    pub fn layout(&self) -> &Layout {
-        self.updater.layout()
+    /// The layout (equal to the kernel's); the updater stays locked while it is borrowed.
+    pub fn layout(&self) -> LayoutRef<'_> {
+        LayoutRef(self.updater())
+    }
+
+    /// The id of the guest's private slot (the highest), which workloads leave alone.
+    pub fn private_slot_id(&self) -> SlotId {
+        self.private_id
     }
 
     /// The gate the vCPUs run through.
-    pub fn gate(&self) -> &VcpuGate {
+    pub fn gate(&self) -> &Arc<VcpuGate> {
         &self.shared.gate
     }
 
     /// The device-side view of guest memory (address space 0), published with every batch.
-    pub fn device_memory(&self) -> &GuestMemoryAtomic<GuestMemoryMmap> {
-        self.updater.device_memory()
+    pub fn device_memory(&self) -> GuestMemoryAtomic<GuestMemoryMmap> {
+        self.updater().device_memory().clone()
     }
 
     /// Sets (or clears) fault injection on slot calls.
     pub fn inject_faults(&mut self, injector: Option<FaultInjector>) {
-        self.updater.inject_faults(injector);
+        self.updater().inject_faults(injector);
     }
 
     /// Slot ioctls made so far.
     pub fn ioctls(&self) -> u64 {
-        self.updater.ioctls()
+        self.updater().ioctls()
     }
 
     /// What the vCPUs counted so far.
@@ -296,6 +344,10 @@ impl TestVm {
             self.private
                 .write_u32(base + ctl::EXEC, exec.map_or(0, |e| e.0 as u32));
             self.private
+                .write_u32(base + ctl::DEVICE, u32::from(self.device));
+            let buffer = guest::buffer(self.private_gpa, index);
+            self.private.write_u32(base + ctl::BUF, buffer as u32);
+            self.private
                 .write_u32(base + ctl::COUNT, probes.len() as u32);
         }
         for (index, vcpu) in self.vcpus.drain(..).enumerate() {
@@ -314,7 +366,47 @@ impl TestVm {
     /// Reads (and clears) the dirty bits of every logging slot, and returns and clears every
     /// dirty host page collected since the last call, whatever slot it was in then.
     pub fn dirty_pages(&mut self) -> BTreeSet<u64> {
-        self.updater.dirty_pages()
+        self.updater().dirty_pages()
+    }
+
+    /// Runs `change` on vCPU 0's thread, as a VMM applies a change the guest asked for: the
+    /// guest on vCPU 0 requests it with a port write, and the thread handling that exit runs
+    /// `change` while the other vCPUs keep running. Waits for it and returns what it returned.
+    pub fn apply_on_vcpu0<R: Send + 'static>(
+        &self,
+        change: impl FnOnce(&mut SlotUpdater) -> R + Send + 'static,
+    ) -> Result<R, TestVmError> {
+        if self.threads.is_empty() {
+            return Err(TestVmError::Config(
+                "a guest-triggered change needs the vCPUs started".into(),
+            ));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.shared.job.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Box::new(move |u: &mut SlotUpdater| {
+                let _ = tx.send(change(u));
+            }));
+        let trigger = self.private.host() + guest::ctl_offset(0) + ctl::TRIGGER;
+        self.private.write_u32(trigger, 1);
+        let result = rx.recv_timeout(REQUEST_TIMEOUT);
+        self.private.write_u32(trigger, 0);
+        match result {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                // Take the job back, unless vCPU 0 took it in the meantime.
+                let pending = self
+                    .shared
+                    .job
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if pending.is_some() {
+                    return Err(TestVmError::NoRequest(REQUEST_TIMEOUT));
+                }
+                rx.recv()
+                    .map_err(|_| TestVmError::NoRequest(REQUEST_TIMEOUT))
+            }
+        }
     }
 
     /// Runs `f` with every vCPU parked (for checks that must not race the guest).
@@ -332,12 +424,12 @@ impl TestVm {
         calls: &[SlotCall],
         strategy: Strategy,
     ) -> Result<ApplyStats, ApplyError> {
-        self.updater.apply(calls, strategy)
+        self.updater().apply(calls, strategy)
     }
 
-    /// The updater behind this VM.
-    pub fn updater(&mut self) -> &mut SlotUpdater {
-        &mut self.updater
+    /// The updater behind this VM, locked.
+    pub fn updater(&self) -> MutexGuard<'_, SlotUpdater> {
+        self.updater.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -218,10 +218,11 @@ impl SlotUpdater {
         Ok(self.apply(lowered.batch.calls(), strategy)?)
     }
 
-    /// Builds the device-side view from the layout and swaps it in.
-    pub(crate) fn publish(&self) {
+    /// The device-side view of `layout`: built outside any quiesce, so that inside one only the
+    /// swap happens.
+    fn view_of(&self, layout: &Layout) -> GuestMemoryMmap {
         let mut regions = Vec::new();
-        for slot in self.slots.layout().slots_by_gpa(0) {
+        for slot in layout.slots_by_gpa(0) {
             let prot = if slot.flags.readonly() {
                 libc::PROT_READ
             } else {
@@ -249,15 +250,24 @@ impl SlotUpdater {
             regions.push(region);
         }
         // vm-memory refuses an empty collection: no slot is the empty view.
-        let map = if regions.is_empty() {
+        if regions.is_empty() {
             GuestMemoryMmap::default()
         } else {
             GuestMemoryMmap::from_regions(regions).expect("slots of one space never overlap")
-        };
+        }
+    }
+
+    /// Swaps `view` in.
+    fn swap_view(&self, view: GuestMemoryMmap) {
         self.device
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .replace(map);
+            .replace(view);
+    }
+
+    /// Builds the view of the current layout and swaps it in.
+    pub(crate) fn publish(&self) {
+        self.swap_view(self.view_of(self.slots.layout()));
     }
 
     /// Applies `calls` as one update with `strategy`. On failure everything is undone.
@@ -309,10 +319,24 @@ impl SlotUpdater {
                 let _ = self.dirty.collect(&self.vm, &slot);
             }
         }
+        // Device views, built before any vCPU is held out: the layout at the window's end (if
+        // calls follow it) and the final one.
+        let mid_view = if !window.is_empty() && window.end < calls.len() {
+            let mut mid = before.clone();
+            mid.apply_batch(&calls[..window.end])
+                .map_err(ApplyError::Invalid)?;
+            Some(self.view_of(&mid))
+        } else {
+            None
+        };
+        let views = Views {
+            mid: mid_view,
+            last: Some(self.view_of(&target)),
+        };
         if let Some(o) = &self.observer {
             o.begin(&target);
         }
-        let result = self.run_calls(&calls, &done, window, strategy);
+        let result = self.run_calls(&calls, &done, window, strategy, views);
         if let Some(o) = &self.observer {
             o.end(self.slots.layout());
         }
@@ -349,6 +373,7 @@ impl SlotUpdater {
         preview: &[Applied],
         window: Range<usize>,
         strategy: Strategy,
+        mut views: Views,
     ) -> (
         Option<Result<(usize, SlotCallError), (usize, SlotCallError)>>,
         Option<QuiesceTimes>,
@@ -396,15 +421,25 @@ impl SlotUpdater {
                 }
             }
             if held.is_some() && i + 1 == window.end {
-                self.publish();
+                // Only the swap happens with vCPUs held out.
+                let view = views.mid.take().or_else(|| views.last.take());
+                self.swap_view(view.expect("a view for the window's end"));
                 times = held.take().map(|h| h.resume());
             }
         }
-        if window.is_empty() {
-            self.publish();
+        if let Some(last) = views.last {
+            self.swap_view(last);
         }
         (None, times, quiesced_ioctls)
     }
+}
+
+/// The device views an apply swaps in, built before it starts.
+struct Views {
+    /// The layout at the end of the quiesce window, when calls follow it.
+    mid: Option<GuestMemoryMmap>,
+    /// The layout after the last call.
+    last: Option<GuestMemoryMmap>,
 }
 
 /// Whether a change drops the slot's dirty bitmap (or might: a MOVE is treated alike).

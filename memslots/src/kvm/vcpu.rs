@@ -10,6 +10,7 @@ use super::gate::{GateVcpu, VcpuGate};
 use super::guest::{self, ctl, port};
 use super::history::LayoutHistory;
 use super::memory::Backing;
+use super::updater::SlotUpdater;
 
 /// What the vCPUs saw, summed over all of them.
 #[derive(Debug, Default)]
@@ -60,11 +61,18 @@ impl GuestCounters {
     }
 }
 
+/// A layout change for vCPU 0's thread to make when the guest asks for one.
+pub type Job = Box<dyn FnOnce(&mut SlotUpdater) + Send>;
+
 /// What the vCPU threads share with the VM.
-#[derive(Debug)]
 pub struct VcpuShared {
     /// The gate they run through.
     pub gate: Arc<VcpuGate>,
+    /// The updater, for guest-requested changes.
+    pub updater: Arc<Mutex<SlotUpdater>>,
+    /// The next guest-requested change, made on vCPU 0's thread when it exits on
+    /// [`port::UPDATE`].
+    pub job: Mutex<Option<Job>>,
     /// Set to make the threads exit.
     pub stop: AtomicBool,
     /// Layouts, for judging exits.
@@ -73,6 +81,19 @@ pub struct VcpuShared {
     pub counters: GuestCounters,
     /// The first spurious exit or error, described (for reports).
     pub first_problem: Mutex<Option<String>>,
+    /// The bug the gate once had, on purpose: while a quiesce holds, complete each MMIO/PIO exit
+    /// with one `KVM_RUN` (`immediate_exit = 1`) and throw away what that entry returns.
+    pub drop_exits_on_quiesce: bool,
+}
+
+impl std::fmt::Debug for VcpuShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuShared")
+            .field("gate", &self.gate)
+            .field("stop", &self.stop)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
 }
 
 impl VcpuShared {
@@ -82,6 +103,19 @@ impl VcpuShared {
             *first = Some(what);
         }
     }
+
+    fn data_error(&self, what: String) {
+        self.counters.data_errors.fetch_add(1, Ordering::Relaxed);
+        self.problem(what);
+    }
+}
+
+/// What the host expects of one vCPU's device accesses in the current round.
+#[derive(Debug, Default)]
+struct DeviceRound {
+    pio_in: u32,
+    pio_out: u32,
+    mmio_written: u32,
 }
 
 fn segment(selector: u16, type_: u8) -> kvm_segment {
@@ -130,21 +164,34 @@ pub fn reset(vcpu: &VcpuFd, index: usize, base: u64) -> Result<(), kvm_ioctls::E
     vcpu.set_regs(&regs)
 }
 
-/// Runs vCPU `index` until `shared.stop`. `private` is the backing of the private slot, whose
-/// base GPA is `base`.
+/// Runs vCPU `index` until `shared.stop`, with the private window at `base`; `private` backs it.
 pub fn run(vcpu: VcpuFd, index: usize, base: u64, shared: Arc<VcpuShared>, private: Arc<Backing>) {
-    let mut vcpu = GateVcpu::join(shared.gate.clone(), vcpu);
+    let mut vcpu = match GateVcpu::new(&shared.gate, index, vcpu) {
+        Ok(v) => v,
+        Err(e) => {
+            shared
+                .counters
+                .internal_errors
+                .fetch_add(1, Ordering::Relaxed);
+            shared.problem(format!("vCPU {index}: cannot register with the gate: {e}"));
+            return;
+        }
+    };
     let ctl_host = |off: u64| private.host() + guest::ctl_offset(index) + off;
+    let device = base + guest::DEVICE..base + guest::DEVICE + guest::DEVICE_SIZE;
     let c = &shared.counters;
+    let mut round = DeviceRound::default();
     while !shared.stop.load(Ordering::SeqCst) {
         let entered = shared.history.gen();
         let mut needs_reset = false;
+        let mut completes = false;
         let exit = match vcpu.run() {
             Ok(Some(exit)) => exit,
             Ok(None) => continue,
             Err(e) => {
                 c.internal_errors.fetch_add(1, Ordering::Relaxed);
                 shared.problem(format!("vCPU {index}: KVM_RUN failed: {e}"));
+                round = DeviceRound::default();
                 let _ = reset(vcpu.vcpu(), index, base);
                 continue;
             }
@@ -164,11 +211,69 @@ pub fn run(vcpu: VcpuFd, index: usize, base: u64, shared: Arc<VcpuShared>, priva
                 c.rounds.fetch_add(1, Ordering::Relaxed);
             }
             VcpuExit::IoOut(p, data) if p == port::DATA_ERROR || p == port::EXEC_ERROR => {
-                c.data_errors.fetch_add(1, Ordering::Relaxed);
                 let i = private.read_u32(ctl_host(ctl::INDEX));
-                shared.problem(format!(
+                shared.data_error(format!(
                     "vCPU {index}: data error on port {p:#x}, probe {i}, value {data:02x?}"
                 ));
+            }
+            VcpuExit::IoOut(p, data) if p == port::DEVICE_ERROR => {
+                shared.data_error(format!(
+                    "vCPU {index}: the guest read a wrong device byte at {:#x}",
+                    u32::from_le_bytes(data.try_into().unwrap_or([0; 4]))
+                ));
+            }
+            VcpuExit::IoOut(p, _) if p == port::DEVICE_DONE => {
+                let want = (guest::PIO_BYTES, guest::PIO_BYTES, guest::MMIO_WRITE_BYTES);
+                let got = (round.pio_in, round.pio_out, round.mmio_written);
+                if got != want {
+                    shared.data_error(format!(
+                        "vCPU {index}: device bytes (in, out, MMIO written) {got:?}, not {want:?}"
+                    ));
+                }
+                round = DeviceRound::default();
+                // Two string and two split MMIO accesses, two string PIO accesses.
+                c.accesses.fetch_add(6, Ordering::Relaxed);
+            }
+            VcpuExit::IoIn(p, data) if p == port::STRING_IN => {
+                for (k, b) in data.iter_mut().enumerate() {
+                    *b = guest::device_byte(guest::PIO_IN + round.pio_in + k as u32);
+                }
+                round.pio_in += data.len() as u32;
+                completes = true;
+            }
+            VcpuExit::IoOut(p, data) if p == port::STRING_OUT => {
+                let at = guest::PIO_OUT + round.pio_out;
+                if let Some(k) = wrong_byte(data, at) {
+                    shared.data_error(format!(
+                        "vCPU {index}: rep outsb byte {k} of the round is {:#04x}",
+                        data[(k - at) as usize]
+                    ));
+                }
+                round.pio_out += data.len() as u32;
+                completes = true;
+            }
+            VcpuExit::IoOut(p, _) if p == port::UPDATE => {
+                let job = shared.job.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(job) = job {
+                    let mut updater = shared.updater.lock().unwrap_or_else(|p| p.into_inner());
+                    job(&mut updater);
+                }
+            }
+            VcpuExit::MmioRead(gpa, data) if device.contains(&gpa) => {
+                for (k, b) in data.iter_mut().enumerate() {
+                    *b = guest::device_byte((gpa + k as u64) as u32);
+                }
+                completes = true;
+            }
+            VcpuExit::MmioWrite(gpa, data) if device.contains(&gpa) => {
+                if let Some(x) = wrong_byte(data, gpa as u32) {
+                    shared.data_error(format!(
+                        "vCPU {index}: MMIO write of {:#04x} at {x:#x}",
+                        data[(x - gpa as u32) as usize]
+                    ));
+                }
+                round.mmio_written += data.len() as u32;
+                completes = true;
             }
             VcpuExit::MmioRead(gpa, data) => {
                 data.fill(guest::MMIO_READ_VALUE as u8);
@@ -179,6 +284,7 @@ pub fn run(vcpu: VcpuFd, index: usize, base: u64, shared: Arc<VcpuShared>, priva
                 } else {
                     c.mmio_exits.fetch_add(1, Ordering::Relaxed);
                 }
+                completes = true;
             }
             VcpuExit::MmioWrite(gpa, _) => {
                 private.write_u32(ctl_host(ctl::SKIPPED), 1);
@@ -188,6 +294,7 @@ pub fn run(vcpu: VcpuFd, index: usize, base: u64, shared: Arc<VcpuShared>, priva
                 } else {
                     c.mmio_exits.fetch_add(1, Ordering::Relaxed);
                 }
+                completes = true;
             }
             other => {
                 // An instruction fetch from a GPA with no slot ends here (emulation failure).
@@ -204,11 +311,26 @@ pub fn run(vcpu: VcpuFd, index: usize, base: u64, shared: Arc<VcpuShared>, priva
                 needs_reset = true;
             }
         }
+        if completes && shared.drop_exits_on_quiesce && shared.gate.is_inhibited() {
+            // The old gate's completing entry: whatever it returns is lost.
+            let fd = vcpu.vcpu_mut();
+            fd.set_kvm_immediate_exit(1);
+            let _ = fd.run();
+            fd.set_kvm_immediate_exit(0);
+        }
         if needs_reset {
+            round = DeviceRound::default();
             if let Err(e) = reset(vcpu.vcpu(), index, base) {
                 shared.problem(format!("vCPU {index}: cannot reset after an error: {e}"));
                 break;
             }
         }
     }
+}
+
+/// The first device position (from `at`) whose byte in `data` is not what the guest writes.
+fn wrong_byte(data: &[u8], at: u32) -> Option<u32> {
+    (0..data.len() as u32)
+        .find(|&k| data[k as usize] != guest::device_write_byte(at + k))
+        .map(|k| at + k)
 }

@@ -159,6 +159,7 @@ pub fn replay(
     }
     let report = StressReport {
         backend: "soft",
+        trigger: "host",
         strategy: config.strategy.name(),
         workload: name.to_owned(),
         vcpus: config.readers,

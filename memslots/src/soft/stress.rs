@@ -340,6 +340,7 @@ pub fn run(
     };
     let report = StressReport {
         backend: "soft",
+        trigger: "host",
         strategy: config.strategy.name(),
         workload: kind.name().to_owned(),
         vcpus: config.vcpus,
