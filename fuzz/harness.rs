@@ -9,10 +9,12 @@ use memslots::model::{Layout, Limits, Mapping, Slot, SlotCall, SlotFlags, SlotId
 use memslots::trace::{Trace, TraceError, EVENT};
 
 /// The trace parser: never panics; what it accepts is consistent; what it refuses names a real line.
+/// Raw bytes go in (not lossy text), so non-UTF-8 lines, `ret=-2147483648` and repeated fields
+/// reach the parser as a file would give them.
 pub fn trace(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let lines: Vec<&str> = text.lines().collect();
-    match Trace::parse(&text) {
+    match Trace::parse_bytes(data) {
         Ok(trace) => {
             let mut last = 0;
             for call in &trace.calls {
@@ -32,6 +34,10 @@ pub fn trace(data: &[u8]) {
                 at = c.end;
             }
             assert_eq!(at, trace.calls.len());
+            for call in &trace.calls {
+                // `ret` is 0 or an errno KVM can return, so the verdict never overflows.
+                assert!(call.result().err().is_none_or(|e| (1..=4095).contains(&e)));
+            }
             let report = run_trace(&trace, Limits::default());
             assert!(report.calls as usize <= trace.calls.len());
             assert_eq!(report.accepted + report.rejected, report.calls);

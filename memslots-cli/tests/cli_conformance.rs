@@ -52,7 +52,7 @@ fn malformed_trace_line_is_named() {
     let out = memslots(&["conformance", "--trace", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 8"), "{err}");
+    assert!(err.contains(&format!("{}:8: ", path.display())), "{err}");
 }
 
 #[test]

@@ -477,7 +477,7 @@ pub fn run_trace(trace: &Trace, limits: Limits) -> Report {
             index,
             line: Some(tc.line),
             call: tc.call,
-            kernel: if tc.ret == 0 { Ok(()) } else { Err(-tc.ret) },
+            kernel: tc.result(),
         };
         if !step.compare(&mut layout, None, &mut report) {
             break;
