@@ -95,7 +95,8 @@ fn malformed_trace_names_its_line_and_exits_2() {
     );
     let out = memslots(&["plan", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+    let place = format!("{}:2: ", bad.display());
+    assert!(stderr(&out).contains(&place), "{}", stderr(&out));
 }
 
 #[test]
@@ -192,4 +193,39 @@ fn missing_files_and_bad_arguments_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = memslots(&["plan", "--from", "/nonexistent/a.json"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_map_past_the_maximum_guest_frame_is_refused() {
+    let a = temp(
+        "top-a.json",
+        r#"{"regions":[{"gpa":"0x0","size":"0x1000","host":"0x7f0000000000"}]}"#,
+    );
+    let b = temp(
+        "top-b.json",
+        r#"{"regions":[{"gpa":"0xffffffffff000","size":"0x2000","host":"0x7f0000000000"}]}"#,
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        b.to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("maximum guest frame"), "{err}");
+    // One page lower fits: the last frame is the maximum itself.
+    let c = temp(
+        "top-c.json",
+        r#"{"regions":[{"gpa":"0xffffffffff000","size":"0x1000","host":"0x7f0000000000"}]}"#,
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        c.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -292,6 +292,14 @@ impl Layout {
             if let Some(other) = self.overlap(id, call.gpa, call.gpa + call.size) {
                 return Err(Rule::Overlap { other });
             }
+            // The arch hook runs after the overlap check, inside kvm_set_memslot.
+            let last_gfn = (call.gpa + call.size - 1) / page;
+            if last_gfn > l.max_gfn {
+                return Err(Rule::GfnTooHigh {
+                    last_gfn,
+                    max_gfn: l.max_gfn,
+                });
+            }
         }
         Ok((change, old))
     }

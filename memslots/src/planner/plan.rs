@@ -157,6 +157,12 @@ pub fn plan_with(
                 "host range ends past {:#x}, the kernel's user range",
                 limits.user_addr_max
             ))
+        } else if (r.end() - 1) / limits.page_size > limits.max_gfn {
+            Some(format!(
+                "guest range ends past {:#x}, the host's maximum guest frame {:#x}",
+                (limits.max_gfn + 1).saturating_mul(limits.page_size),
+                limits.max_gfn
+            ))
         } else {
             None
         };
