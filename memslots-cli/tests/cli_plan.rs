@@ -229,3 +229,23 @@ fn a_map_past_the_maximum_guest_frame_is_refused() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_qemu_7_2_trace_with_smm_slots_plans() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/traces/smm/q35-2g-smm-handmade.log");
+    let out = memslots(&["plan", path.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = last_json(&out);
+    let smm_ops = json["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["ops"].as_array().unwrap())
+        .filter(|o| o["slot"].as_u64().unwrap() >> 16 == 1)
+        .count();
+    assert!(smm_ops > 0, "no address-space-1 op planned");
+    let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(last_json(&out)["mismatches"], 0);
+}
