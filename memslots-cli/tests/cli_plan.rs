@@ -48,7 +48,18 @@ fn trace_json_has_exactly_the_issue_fields() {
         .map(|k| k.as_str())
         .collect();
     op_keys.sort();
-    assert_eq!(op_keys, ["flags", "gpa", "quiesced", "size", "slot", "ua"]);
+    assert_eq!(
+        op_keys,
+        [
+            "drops_dirty_bitmap",
+            "flags",
+            "gpa",
+            "quiesced",
+            "size",
+            "slot",
+            "ua"
+        ]
+    );
     let quiesced = ops.iter().filter(|o| o["quiesced"] == true).count() as u64;
     assert_eq!(quiesced, json["quiesced_ioctls"].as_u64().unwrap());
     assert_eq!(json["qemu_ioctls"], 35);
@@ -248,4 +259,39 @@ fn a_qemu_7_2_trace_with_smm_slots_plans() {
     let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(last_json(&out)["mismatches"], 0);
+}
+
+#[test]
+fn ops_that_drop_a_dirty_bitmap_say_so() {
+    let logged = |gpa: &str, log: bool| {
+        format!(r#"{{"gpa":"0x{gpa}","size":"0x100000","host":"0x7f000{gpa}","log_dirty":{log}}}"#)
+    };
+    let a = temp(
+        "dirty-a.json",
+        &format!(
+            r#"{{"regions":[{},{}]}}"#,
+            logged("100000", true),
+            logged("300000", true)
+        ),
+    );
+    let b = temp(
+        "dirty-b.json",
+        &format!(r#"{{"regions":[{}]}}"#, logged("100000", false)),
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        b.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = last_json(&out);
+    let ops = json["transactions"][0]["ops"].as_array().unwrap();
+    // Logging turned off on one, the other deleted: both drop their bitmap.
+    assert_eq!(ops.len(), 2, "{json}");
+    for op in ops {
+        assert_eq!(op["drops_dirty_bitmap"], true, "{op}");
+    }
 }

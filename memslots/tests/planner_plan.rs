@@ -30,6 +30,12 @@ fn step(layout: &mut Layout, to: &MemoryMap, policy: &CutPolicy) -> Plan {
     for (i, c) in plan.calls.iter().enumerate() {
         assert_eq!(c.quiesced, window.contains(&i), "call {i} of {plan:#?}");
     }
+    // Every call that drops a dirty bitmap is marked, and no other.
+    let mut scratch = layout.clone();
+    for c in &plan.calls {
+        let applied = scratch.apply(&c.call).unwrap();
+        assert_eq!(c.drops_dirty_bitmap, applied.drops_dirty_bitmap(), "{c:?}");
+    }
     layout.apply_batch(&plan.slot_calls()).unwrap();
     assert_eq!(&MemoryMap::from_layout(layout), to);
     plan
@@ -419,4 +425,33 @@ fn calls_that_end_dirty_logging_come_last_before_the_window() {
             (Change::Create, 0x420_0000, true),
         ]
     );
+}
+
+#[test]
+fn calls_that_drop_a_dirty_bitmap_are_marked() {
+    let logged = |r: Region| Region {
+        flags: SlotFlags::LOG_DIRTY_PAGES,
+        ..r
+    };
+    let mut layout = start(&[
+        logged(ram(0, 0x10_0000)),
+        logged(ram(0x20_0000, 0x10_0000)),
+        logged(ram(0x40_0000, 0x10_0000)),
+        ram(0x60_0000, 0x10_0000),
+    ]);
+    // Logging off on the first, the second deleted, the third kept logging, the fourth deleted.
+    let plan = step(
+        &mut layout,
+        &map(&[ram(0, 0x10_0000), logged(ram(0x40_0000, 0x10_0000))]),
+        &CutPolicy::minimal(),
+    );
+    let marked: Vec<(Change, u64)> = plan
+        .dirty_bitmap_drops()
+        .map(|c| (c.change, c.call.gpa))
+        .collect();
+    assert_eq!(marked.len(), 2, "{plan:#?}");
+    assert!(marked.contains(&(Change::FlagsOnly, 0)), "{marked:?}");
+    assert!(marked.contains(&(Change::Delete, 0x20_0000)), "{marked:?}");
+    // Neither opens a hole, so neither is quiesced: the mark is what tells a VMM to harvest.
+    assert!(plan.dirty_bitmap_drops().all(|c| !c.quiesced));
 }

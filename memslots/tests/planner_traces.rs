@@ -38,6 +38,15 @@ fn every_trace_meets_the_floors() {
             for h in &holes.holes {
                 assert!(window.contains(&h.opened_by) && window.contains(&h.closed_by));
             }
+            let mut scratch = layout.clone();
+            for pc in &c.plan.calls {
+                let applied = scratch.apply(&pc.call).unwrap();
+                assert_eq!(
+                    pc.drops_dirty_bitmap,
+                    applied.drops_dirty_bitmap(),
+                    "{name}"
+                );
+            }
             layout
                 .apply_batch(&calls)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));

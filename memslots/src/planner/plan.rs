@@ -20,6 +20,12 @@ pub struct PlannedCall {
     pub quiesced: bool,
     /// Bytes of slot KVM zaps for it (the old slot's size for a DELETE or MOVE, else 0).
     pub zapped_bytes: u64,
+    /// Whether it drops the slot's dirty bitmap ([`Applied::drops_dirty_bitmap`]): a VMM
+    /// applying the plan itself harvests the slot's dirty log before this call, with vCPUs held
+    /// out if it wants every bit (pages dirtied after its last harvest are otherwise lost).
+    ///
+    /// [`Applied::drops_dirty_bitmap`]: crate::model::Applied::drops_dirty_bitmap
+    pub drops_dirty_bitmap: bool,
 }
 
 /// A batch of raw slot calls that takes a layout to a target mapping, in the order they must be
@@ -64,6 +70,11 @@ impl Plan {
     /// The calls as a model batch.
     pub fn batch(&self) -> Batch {
         self.calls.iter().map(|c| c.call).collect()
+    }
+
+    /// The calls that drop a dirty bitmap (harvest the slot's dirty log before each).
+    pub fn dirty_bitmap_drops(&self) -> impl Iterator<Item = &PlannedCall> + '_ {
+        self.calls.iter().filter(|c| c.drops_dirty_bitmap)
     }
 
     /// Whether there is nothing to do.
@@ -308,6 +319,12 @@ pub fn plan_with(
         },
         quiesced,
         zapped_bytes: zapped,
+        // The plan's calls touch each id once, so the slot before the batch is the one the
+        // call changes.
+        drops_dirty_bitmap: current.slot(call.id()).is_some_and(|old| {
+            old.flags.log_dirty()
+                && (call.is_delete() || call.gpa != old.gpa || !call.slot_flags().log_dirty())
+        }),
     };
     calls.extend(head.into_iter().map(|c| planned(c, false)));
     calls.extend(lossy.into_iter().map(|c| planned(c, false)));
