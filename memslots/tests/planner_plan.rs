@@ -455,3 +455,25 @@ fn calls_that_drop_a_dirty_bitmap_are_marked() {
     // Neither opens a hole, so neither is quiesced: the mark is what tells a VMM to harvest.
     assert!(plan.dirty_bitmap_drops().all(|c| !c.quiesced));
 }
+
+#[test]
+fn the_2_mib_cut_needs_host_and_guest_congruent() {
+    let policy = CutPolicy {
+        boundaries: Vec::new(),
+        ..CutPolicy::x86_pc()
+    };
+    let (gpa, size) = (0x10_1000, 0x4000_0000 - 0x10_2000);
+    let creates = |host: u64| {
+        let mut layout = Layout::new(Limits::default());
+        let target = map(&[Region {
+            host,
+            ..ram(gpa, size)
+        }]);
+        step(&mut layout, &target, &policy).ioctls()
+    };
+    // Congruent modulo 2 MiB: head, body and tail, so the body can keep huge pages.
+    assert_eq!(creates(0x7f00_0010_1000), 3);
+    // Not congruent: KVM maps no huge page there whatever the cut, so one slot.
+    assert_eq!(creates(0x7f00_0010_2000), 1);
+    assert_eq!(creates(0x7f00_0000_0000), 1);
+}

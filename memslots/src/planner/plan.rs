@@ -461,7 +461,7 @@ fn plan_space(slots: &[Slot], regions: &[Region], policy: &CutPolicy, max_bytes:
     let mut cuts = Vec::new();
     for r in joined {
         cuts.clear();
-        policy.cuts(r.gpa, r.end(), &mut cuts);
+        policy.cuts(r.gpa, r.end(), r.host, &mut cuts);
         let mut at = r.gpa;
         for &c in cuts.iter().chain(std::iter::once(&r.end())) {
             while at < c {
