@@ -9,10 +9,12 @@ use memslots::model::{Layout, Limits, Mapping, Slot, SlotCall, SlotFlags, SlotId
 use memslots::trace::{Trace, TraceError, EVENT};
 
 /// The trace parser: never panics; what it accepts is consistent; what it refuses names a real line.
+/// Raw bytes go in (not lossy text), so non-UTF-8 lines, `ret=-2147483648` and repeated fields
+/// reach the parser as a file would give them.
 pub fn trace(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let lines: Vec<&str> = text.lines().collect();
-    match Trace::parse(&text) {
+    match Trace::parse_bytes(data) {
         Ok(trace) => {
             let mut last = 0;
             for call in &trace.calls {
@@ -32,6 +34,10 @@ pub fn trace(data: &[u8]) {
                 at = c.end;
             }
             assert_eq!(at, trace.calls.len());
+            for call in &trace.calls {
+                // `ret` is 0 or an errno KVM can return, so the verdict never overflows.
+                assert!(call.result().err().is_none_or(|e| (1..=4095).contains(&e)));
+            }
             let report = run_trace(&trace, Limits::default());
             assert!(report.calls as usize <= trace.calls.len());
             assert_eq!(report.accepted + report.rejected, report.calls);
@@ -197,22 +203,67 @@ fn decode_map(bytes: &[u8]) -> Option<memslots::planner::MemoryMap> {
 }
 
 /// The planner: any map to any map gives a plan the model accepts, that ends in exactly the
-/// target mapping, whose quiesced calls are exactly the model's hole window, and that never
-/// reuses an id it deletes.
+/// target mapping, whose quiesced calls are exactly the model's hole window, and that reuses an
+/// id it deletes only when no other id is free, after its DELETE. An odd first byte puts the slot
+/// limit at the most slots either map needs, so plans at the limit are covered.
 pub fn planner(data: &[u8]) {
-    use memslots::planner::{plan, MemoryMap};
+    use memslots::planner::{plan, plan_with, CutPolicy, MemoryMap};
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
     let half = data.len() / 2;
     let (Some(a), Some(b)) = (decode_map(&data[..half]), decode_map(&data[half..])) else {
         return;
     };
-    let mut layout = Layout::new(Limits::default());
+    let limits = if mode % 2 == 1 {
+        // The regions of one space, joined, are the fewest slots a map can have; the minimal
+        // policy cuts no more, so both maps fit and the change needs every id re-use allows.
+        let most = [&a, &b]
+            .iter()
+            .flat_map(|m| [m.space(0).len(), m.space(1).len()])
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        Limits {
+            slots: most as u16,
+            ..Limits::default()
+        }
+    } else {
+        Limits::default()
+    };
+    let plan = |layout: &Layout, map: &MemoryMap| {
+        if mode % 2 == 1 {
+            plan_with(layout, map, &CutPolicy::minimal())
+        } else {
+            plan(layout, map)
+        }
+    };
+    let mut layout = Layout::new(limits);
     let first = plan(&layout, &a).expect("a map fits");
     let calls: Vec<SlotCall> = first.calls.iter().map(|c| c.call).collect();
     layout
         .apply_batch(&calls)
         .expect("the model accepts the first plan");
     assert_eq!(MemoryMap::from_layout(&layout), a);
-    let second = plan(&layout, &b).expect("a map fits");
+    let second = match plan(&layout, &b) {
+        Ok(p) => p,
+        // At the limit the planner keeps slots that still map identically and cuts only the
+        // rest, which can need more ids than re-cutting everything would; such a refusal must at
+        // least count right.
+        Err(memslots::planner::PlanError::TooManySlots {
+            needed,
+            current,
+            deleted,
+            new,
+            limit,
+            ..
+        }) if mode % 2 == 1 => {
+            assert_eq!(needed, current - deleted + new);
+            assert!(needed > usize::from(limit));
+            return;
+        }
+        Err(e) => panic!("a map fits: {e}"),
+    };
     let calls: Vec<SlotCall> = second.calls.iter().map(|c| c.call).collect();
     let holes = layout.holes(&calls).expect("the model accepts the plan");
     let window = holes.quiesce_window();
@@ -226,13 +277,28 @@ pub fn planner(data: &[u8]) {
         .collect();
     let created: Vec<u32> = calls
         .iter()
-        .filter(|c| !c.is_delete() && layout.slot(c.id()).is_none())
+        .filter(|c| {
+            !c.is_delete()
+                && layout
+                    .slot(c.id())
+                    .is_none_or(|_| deleted.contains(&c.slot))
+        })
         .map(|c| c.slot)
         .collect();
-    assert!(
-        created.iter().all(|c| !deleted.contains(c)),
-        "an id the batch deletes is reused"
-    );
+    for (i, c) in calls.iter().enumerate() {
+        if deleted.contains(&c.slot) && !c.is_delete() {
+            // Re-used: only when every id of its space below the limit is taken, and after the
+            // DELETE.
+            let space = c.id().address_space;
+            let free = (0..limits.slots)
+                .filter(|&id| layout.slot(SlotId::in_space(space, id)).is_none())
+                .filter(|&id| !created.contains(&SlotId::in_space(space, id).raw()))
+                .count();
+            assert_eq!(free, 0, "id {} reused with a free id left", c.slot);
+            let del = calls.iter().position(|d| d.is_delete() && d.slot == c.slot);
+            assert!(del.is_some_and(|d| d < i), "create before its delete");
+        }
+    }
     layout.apply_batch(&calls).expect("valid");
     assert_eq!(MemoryMap::from_layout(&layout), b);
 }

@@ -72,6 +72,20 @@ fn print_summary(r: &Report) {
         "calls {}  accepted {}  rejected {}  mismatches {}",
         r.calls, r.accepted, r.rejected, r.mismatches
     );
+    if r.at_max_gfn.0 > 0 {
+        println!(
+            "calls at the maximum guest frame: {} ({} accepted)",
+            r.at_max_gfn.0, r.at_max_gfn.1
+        );
+    }
+    if !r.refused_by_rule.is_empty() {
+        let rules: Vec<String> = r
+            .refused_by_rule
+            .iter()
+            .map(|(rule, n)| format!("{rule} {n}"))
+            .collect();
+        println!("refused by the model, per rule: {}", rules.join(", "));
+    }
     if r.diverged {
         println!("stopped early: the kernel accepted a call the model refuses");
     }

@@ -6,6 +6,27 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// Every module prints through these instead of std's macros of the same name (a macro_rules
+// macro defined before the modules shadows the prelude's in all of them): std's panic when
+// stdout is a closed pipe, and `memslots plan ... | head -1` must end quietly.
+macro_rules! println {
+    () => {
+        $crate::output::print_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::print_line(format_args!($($arg)*))
+    };
+}
+
+macro_rules! eprintln {
+    () => {
+        $crate::output::eprint_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::eprint_line(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod conformance;
 mod output;

@@ -1,6 +1,7 @@
 //! Output helpers shared by the subcommands: error chains and the JSON last line.
 
 use std::error::Error;
+use std::io::Write;
 
 use serde::Serialize;
 
@@ -20,6 +21,30 @@ pub fn chain(err: &(dyn Error + 'static)) -> String {
 pub fn json_line<T: Serialize>(value: &T) -> Result<(), Box<dyn Error>> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
+}
+
+/// Writes one line to stdout; what the crate's `println!` expands to.
+///
+/// std's `println!` panics when stdout is gone. A reader that closed the pipe
+/// (`memslots plan ... | head -1`) has all it wanted, so the process ends quietly with status 0;
+/// any other write error ends it with the cause on stderr and status 2.
+pub fn print_line(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let result = out.write_fmt(args).and_then(|()| out.write_all(b"\n"));
+    if let Err(e) = result {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "memslots: cannot write to stdout: {e}");
+        std::process::exit(2);
+    }
+}
+
+/// Writes one line to stderr; what the crate's `eprintln!` expands to. A closed stderr is ignored
+/// (there is nowhere left to say anything) rather than a panic.
+pub fn eprint_line(args: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
 }
 
 /// A progress bar on stderr, shown only when stderr is a terminal (never in pipes or CI logs).

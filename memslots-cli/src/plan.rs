@@ -46,6 +46,8 @@ struct Op {
     size: u64,
     ua: u64,
     quiesced: bool,
+    /// The call drops a logging slot's dirty bitmap: harvest before it.
+    drops_dirty_bitmap: bool,
 }
 
 #[derive(Serialize)]
@@ -81,6 +83,7 @@ impl Report {
                             size: c.call.size,
                             ua: c.call.host,
                             quiesced: c.quiesced,
+                            drops_dirty_bitmap: c.drops_dirty_bitmap,
                         })
                         .collect(),
                 })
@@ -236,10 +239,15 @@ fn run_maps(
     println!("calls:");
     for c in &plan.calls {
         println!(
-            "  {:<10} {}{}",
+            "  {:<10} {}{}{}",
             c.change.to_string(),
             c.call,
-            if c.quiesced { "  [quiesced]" } else { "" }
+            if c.quiesced { "  [quiesced]" } else { "" },
+            if c.drops_dirty_bitmap {
+                "  [drops dirty bitmap]"
+            } else {
+                ""
+            }
         );
     }
     if let Some(svg) = &args.svg {

@@ -127,12 +127,19 @@ pub struct Args {
     json: bool,
 }
 
+/// The longest `--duration`: a year.
+const MAX_DURATION_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
 /// Runs the subcommand.
 pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let inject_faults = probability(args.inject_faults)?;
     if let Some(d) = args.duration {
-        if !(d > 0.0 && d.is_finite()) {
-            return Err(format!("--duration takes a positive number of seconds, not {d}").into());
+        // Bounded so that the deadline (now + duration) cannot overflow.
+        if !(d > 0.0 && d <= MAX_DURATION_SECS) {
+            return Err(format!(
+                "--duration takes a positive number of seconds up to {MAX_DURATION_SECS} (a year), not {d}"
+            )
+            .into());
         }
     }
     let trigger = trigger(args.backend, args.trigger)?;

@@ -52,7 +52,7 @@ fn malformed_trace_line_is_named() {
     let out = memslots(&["conformance", "--trace", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 8"), "{err}");
+    assert!(err.contains(&format!("{}:8: ", path.display())), "{err}");
 }
 
 #[test]
@@ -92,4 +92,19 @@ fn live_conformance_json() {
     );
     assert_eq!(a + r, 20000);
     assert!(a > 0 && r > 0);
+}
+
+#[test]
+fn the_maximum_guest_frame_is_predicted() {
+    // Recorded on this machine's kernel (issue 17): the last frame may be 2^40 - 1, not 2^40.
+    let path = temp(
+        "max-gfn.log",
+        "kvm_set_user_memory Slot#0 flags=0x0 gpa=0xffffffffff000 size=0x2000 ua=0x7f0000000000 ret=-22\n\
+         kvm_set_user_memory Slot#0 flags=0x0 gpa=0xffffffffff000 size=0x1000 ua=0x7f0000000000 ret=0\n",
+    );
+    let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
+    let json = last_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["mismatches"], 0);
+    assert_eq!(json["rejected"], 1);
 }

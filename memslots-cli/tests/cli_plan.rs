@@ -48,7 +48,18 @@ fn trace_json_has_exactly_the_issue_fields() {
         .map(|k| k.as_str())
         .collect();
     op_keys.sort();
-    assert_eq!(op_keys, ["flags", "gpa", "quiesced", "size", "slot", "ua"]);
+    assert_eq!(
+        op_keys,
+        [
+            "drops_dirty_bitmap",
+            "flags",
+            "gpa",
+            "quiesced",
+            "size",
+            "slot",
+            "ua"
+        ]
+    );
     let quiesced = ops.iter().filter(|o| o["quiesced"] == true).count() as u64;
     assert_eq!(quiesced, json["quiesced_ioctls"].as_u64().unwrap());
     assert_eq!(json["qemu_ioctls"], 35);
@@ -95,7 +106,8 @@ fn malformed_trace_names_its_line_and_exits_2() {
     );
     let out = memslots(&["plan", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+    let place = format!("{}:2: ", bad.display());
+    assert!(stderr(&out).contains(&place), "{}", stderr(&out));
 }
 
 #[test]
@@ -192,4 +204,94 @@ fn missing_files_and_bad_arguments_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = memslots(&["plan", "--from", "/nonexistent/a.json"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_map_past_the_maximum_guest_frame_is_refused() {
+    let a = temp(
+        "top-a.json",
+        r#"{"regions":[{"gpa":"0x0","size":"0x1000","host":"0x7f0000000000"}]}"#,
+    );
+    let b = temp(
+        "top-b.json",
+        r#"{"regions":[{"gpa":"0xffffffffff000","size":"0x2000","host":"0x7f0000000000"}]}"#,
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        b.to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("maximum guest frame"), "{err}");
+    // One page lower fits: the last frame is the maximum itself.
+    let c = temp(
+        "top-c.json",
+        r#"{"regions":[{"gpa":"0xffffffffff000","size":"0x1000","host":"0x7f0000000000"}]}"#,
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        c.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_qemu_7_2_trace_with_smm_slots_plans() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/traces/smm/q35-2g-smm-handmade.log");
+    let out = memslots(&["plan", path.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = last_json(&out);
+    let smm_ops = json["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["ops"].as_array().unwrap())
+        .filter(|o| o["slot"].as_u64().unwrap() >> 16 == 1)
+        .count();
+    assert!(smm_ops > 0, "no address-space-1 op planned");
+    let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(last_json(&out)["mismatches"], 0);
+}
+
+#[test]
+fn ops_that_drop_a_dirty_bitmap_say_so() {
+    let logged = |gpa: &str, log: bool| {
+        format!(r#"{{"gpa":"0x{gpa}","size":"0x100000","host":"0x7f000{gpa}","log_dirty":{log}}}"#)
+    };
+    let a = temp(
+        "dirty-a.json",
+        &format!(
+            r#"{{"regions":[{},{}]}}"#,
+            logged("100000", true),
+            logged("300000", true)
+        ),
+    );
+    let b = temp(
+        "dirty-b.json",
+        &format!(r#"{{"regions":[{}]}}"#, logged("100000", false)),
+    );
+    let out = memslots(&[
+        "plan",
+        "--from",
+        a.to_str().unwrap(),
+        "--to",
+        b.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = last_json(&out);
+    let ops = json["transactions"][0]["ops"].as_array().unwrap();
+    // Logging turned off on one, the other deleted: both drop their bitmap.
+    assert_eq!(ops.len(), 2, "{json}");
+    for op in ops {
+        assert_eq!(op["drops_dirty_bitmap"], true, "{op}");
+    }
 }

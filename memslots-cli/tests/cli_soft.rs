@@ -142,7 +142,8 @@ fn soft_bad_input_exits_2() {
     let out = memslots(&["replay", path.to_str().unwrap(), "--backend", "soft"]);
     let _ = std::fs::remove_file(&path);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+    let place = format!("{}:2: ", path.display());
+    assert!(stderr(&out).contains(&place), "{}", stderr(&out));
 
     let out = memslots(&[
         "stress",

@@ -245,5 +245,6 @@ fn replay_of_a_malformed_trace_names_the_line() {
     let out = memslots(&["replay", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+    let place = format!("{}:2: ", path.display());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&place));
 }

@@ -97,6 +97,10 @@ pub struct Report {
     /// How many calls the model classified as each change.
     #[serde(skip)]
     pub changes: BTreeMap<Change, u64>,
+    /// Calls whose last guest frame is within one of the maximum guest frame (either side), and
+    /// how many of them the kernel accepted: the max-GFN rule's boundary.
+    #[serde(skip)]
+    pub at_max_gfn: (u64, u64),
 }
 
 /// Errors that stop a conformance run before it starts.
@@ -229,10 +233,19 @@ impl CallGen {
                 size: 0,
                 ..self.fresh()
             },
-            48..=59 => SlotCall {
+            48..=57 => SlotCall {
                 gpa: self.rng.below(GPA_PAGES) * page,
                 ..slot.set_call()
             },
+            // A MOVE to the top of the guest physical space: the last frame lands just below, at
+            // or just past the maximum.
+            58 | 59 => {
+                let last = self.limits.max_gfn - 1 + self.rng.below(3);
+                SlotCall {
+                    gpa: (last + 1).saturating_mul(page).saturating_sub(slot.size),
+                    ..slot.set_call()
+                }
+            }
             60..=67 => SlotCall {
                 flags: slot.flags.bits() ^ SlotFlags::LOG_DIRTY_PAGES.bits(),
                 ..slot.set_call()
@@ -267,7 +280,7 @@ impl CallGen {
         let l = self.limits;
         let page = PAGE_SIZE;
         let id = SlotId::from_raw(base.slot);
-        match self.rng.below(12) {
+        match self.rng.below(14) {
             0 => SlotCall {
                 flags: [4, 8, 0x10, 0x1_0000, 0x8000_0000, 5, 6][self.rng.below(7) as usize],
                 ..base
@@ -327,6 +340,19 @@ impl CallGen {
                 slot: SlotId::in_space(id.address_space, l.slots - 1).raw(),
                 ..base
             },
+            // The top of the guest physical space: a slot whose last frame is just below, at or
+            // just past the maximum guest frame (accepted ones stay, so later calls move and
+            // delete them too).
+            12 | 13 => {
+                let pages = 1 + self.rng.below(3);
+                let last = l.max_gfn - 1 + self.rng.below(3);
+                let gpa = (last + 1 - pages).saturating_mul(page);
+                SlotCall {
+                    gpa,
+                    size: pages * page,
+                    ..base
+                }
+            }
             _ => SlotCall {
                 size: 0,
                 host: base.host + 1,
@@ -386,18 +412,15 @@ fn probe_state(vm: &Vm, layout: &Layout, step: &Step, report: &mut Report) {
     if got.is_ok() != expect {
         let mut model = Verdict::of_kernel(if expect { Ok(()) } else { Err(libc::ENOENT) });
         model.change = layout.slot(id).map(|_| Change::Unchanged);
-        record(
-            report,
-            Mismatch {
-                index: step.index,
-                line: step.line,
-                call: step.call,
-                what: "state",
-                model,
-                kernel: Verdict::of_kernel(got.map(|_| ())),
-                layout: space_slots(layout, id.address_space),
-            },
-        );
+        record(report, || Mismatch {
+            index: step.index,
+            line: step.line,
+            call: step.call,
+            what: "state",
+            model,
+            kernel: Verdict::of_kernel(got.map(|_| ())),
+            layout: space_slots(layout, id.address_space),
+        });
     }
 }
 
@@ -405,10 +428,11 @@ fn space_slots(layout: &Layout, space: u16) -> Vec<Slot> {
     layout.slots_by_gpa(space).copied().collect()
 }
 
-fn record(report: &mut Report, mismatch: Mismatch) {
+/// Counts a mismatch; only the first is built (it copies the layout).
+fn record(report: &mut Report, mismatch: impl FnOnce() -> Mismatch) {
     report.mismatches += 1;
     if report.first_mismatch.is_none() {
-        report.first_mismatch = Some(mismatch);
+        report.first_mismatch = Some(mismatch());
     }
 }
 
@@ -430,7 +454,12 @@ impl Step {
         } else {
             report.rejected += 1;
         }
-        let before = space_slots(layout, self.call.id().address_space);
+        let max_gfn = layout.limits().max_gfn;
+        let last_gfn = (self.call.gpa.saturating_add(self.call.size.max(1)) - 1) / PAGE_SIZE;
+        if self.call.size > 0 && last_gfn.abs_diff(max_gfn) <= 1 {
+            report.at_max_gfn.0 += 1;
+            report.at_max_gfn.1 += u64::from(self.kernel.is_ok());
+        }
         let mut predicted = layout.check(&self.call);
         if let Some(patch) = patch {
             predicted = patch(layout, &self.call, predicted);
@@ -442,18 +471,17 @@ impl Step {
         let model = Verdict::of_model(&predicted);
         let kernel = Verdict::of_kernel(self.kernel);
         if model.accepted != kernel.accepted || model.errno != kernel.errno {
-            record(
-                report,
-                Mismatch {
-                    index: self.index,
-                    line: self.line,
-                    call: self.call,
-                    what: "result",
-                    model,
-                    kernel,
-                    layout: before,
-                },
-            );
+            // The layout is copied only for the first mismatch (copying it on every call made a
+            // trace run cost calls x slots).
+            record(report, || Mismatch {
+                index: self.index,
+                line: self.line,
+                call: self.call,
+                what: "result",
+                model,
+                kernel,
+                layout: space_slots(layout, self.call.id().address_space),
+            });
         }
         if self.kernel.is_ok() {
             // Follow the kernel. If the true rules refuse what the kernel did, the layouts part.
@@ -477,7 +505,7 @@ pub fn run_trace(trace: &Trace, limits: Limits) -> Report {
             index,
             line: Some(tc.line),
             call: tc.call,
-            kernel: if tc.ret == 0 { Ok(()) } else { Err(-tc.ret) },
+            kernel: tc.result(),
         };
         if !step.compare(&mut layout, None, &mut report) {
             break;

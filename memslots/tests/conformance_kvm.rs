@@ -56,6 +56,7 @@ fn twenty_thousand_random_calls_agree_and_every_rule_is_exercised() {
         "readonly_toggle",
         "overlap",
         "address_space_out_of_range",
+        "gfn_too_high",
     ];
     for rule in rules {
         assert!(
@@ -64,6 +65,10 @@ fn twenty_thousand_random_calls_agree_and_every_rule_is_exercised() {
             report.refused_by_rule
         );
     }
+    // The top of the guest physical space is reached from both sides.
+    let (at_max, accepted) = report.at_max_gfn;
+    eprintln!("calls at the maximum guest frame: {at_max}, {accepted} accepted");
+    assert!(accepted > 0 && accepted < at_max, "{:?}", report.at_max_gfn);
     for change in [
         Change::Create,
         Change::Delete,
@@ -98,6 +103,41 @@ fn a_model_with_a_wrong_slot_limit_is_caught() {
     );
 }
 
+#[test]
+fn a_model_with_a_wrong_max_gfn_is_caught() {
+    let Some(limits) = kvm_limits() else { return };
+    for max_gfn in [limits.max_gfn + 1, limits.max_gfn - 1] {
+        let report = run_random(RandomRun {
+            model_limits: Some(Limits { max_gfn, ..limits }),
+            ..RandomRun::new(5_000, seed())
+        })
+        .expect("run");
+        let first = report
+            .first_mismatch
+            .expect("a wrong maximum guest frame is caught");
+        let last_gfn = (first.call.gpa + first.call.size - 1) / memslots::model::PAGE_SIZE;
+        assert!(
+            last_gfn == max_gfn.max(limits.max_gfn),
+            "caught at the boundary: {first:?}"
+        );
+    }
+}
+
+fn max_gfn_ignored(
+    _: &Layout,
+    call: &SlotCall,
+    verdict: Result<Change, Rule>,
+) -> Result<Change, Rule> {
+    match verdict {
+        Err(Rule::GfnTooHigh { .. }) => Ok(if call.size > 0 {
+            Change::Create
+        } else {
+            Change::Delete
+        }),
+        other => other,
+    }
+}
+
 fn overlap_allowed(
     _: &Layout,
     _: &SlotCall,
@@ -128,6 +168,7 @@ fn a_model_with_a_wrong_rule_is_caught() {
     for patch in [
         overlap_allowed as memslots::conformance::ModelPatch,
         readonly_toggle_is_flags_only,
+        max_gfn_ignored,
     ] {
         let report = run_random(RandomRun {
             patch: Some(patch),

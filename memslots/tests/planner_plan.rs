@@ -30,6 +30,12 @@ fn step(layout: &mut Layout, to: &MemoryMap, policy: &CutPolicy) -> Plan {
     for (i, c) in plan.calls.iter().enumerate() {
         assert_eq!(c.quiesced, window.contains(&i), "call {i} of {plan:#?}");
     }
+    // Every call that drops a dirty bitmap is marked, and no other.
+    let mut scratch = layout.clone();
+    for c in &plan.calls {
+        let applied = scratch.apply(&c.call).unwrap();
+        assert_eq!(c.drops_dirty_bitmap, applied.drops_dirty_bitmap(), "{c:?}");
+    }
     layout.apply_batch(&plan.slot_calls()).unwrap();
     assert_eq!(&MemoryMap::from_layout(layout), to);
     plan
@@ -419,4 +425,137 @@ fn calls_that_end_dirty_logging_come_last_before_the_window() {
             (Change::Create, 0x420_0000, true),
         ]
     );
+}
+
+#[test]
+fn calls_that_drop_a_dirty_bitmap_are_marked() {
+    let logged = |r: Region| Region {
+        flags: SlotFlags::LOG_DIRTY_PAGES,
+        ..r
+    };
+    let mut layout = start(&[
+        logged(ram(0, 0x10_0000)),
+        logged(ram(0x20_0000, 0x10_0000)),
+        logged(ram(0x40_0000, 0x10_0000)),
+        ram(0x60_0000, 0x10_0000),
+    ]);
+    // Logging off on the first, the second deleted, the third kept logging, the fourth deleted.
+    let plan = step(
+        &mut layout,
+        &map(&[ram(0, 0x10_0000), logged(ram(0x40_0000, 0x10_0000))]),
+        &CutPolicy::minimal(),
+    );
+    let marked: Vec<(Change, u64)> = plan
+        .dirty_bitmap_drops()
+        .map(|c| (c.change, c.call.gpa))
+        .collect();
+    assert_eq!(marked.len(), 2, "{plan:#?}");
+    assert!(marked.contains(&(Change::FlagsOnly, 0)), "{marked:?}");
+    assert!(marked.contains(&(Change::Delete, 0x20_0000)), "{marked:?}");
+    // Neither opens a hole, so neither is quiesced: the mark is what tells a VMM to harvest.
+    assert!(plan.dirty_bitmap_drops().all(|c| !c.quiesced));
+}
+
+#[test]
+fn the_2_mib_cut_needs_host_and_guest_congruent() {
+    let policy = CutPolicy {
+        boundaries: Vec::new(),
+        ..CutPolicy::x86_pc()
+    };
+    let (gpa, size) = (0x10_1000, 0x4000_0000 - 0x10_2000);
+    let creates = |host: u64| {
+        let mut layout = Layout::new(Limits::default());
+        let target = map(&[Region {
+            host,
+            ..ram(gpa, size)
+        }]);
+        step(&mut layout, &target, &policy).ioctls()
+    };
+    // Congruent modulo 2 MiB: head, body and tail, so the body can keep huge pages.
+    assert_eq!(creates(0x7f00_0010_1000), 3);
+    // Not congruent: KVM maps no huge page there whatever the cut, so one slot.
+    assert_eq!(creates(0x7f00_0010_2000), 1);
+    assert_eq!(creates(0x7f00_0000_0000), 1);
+}
+
+/// The three changes issue 17 found refused at 32,764 slots: each needs an id its own batch
+/// deletes, and plans within the limit.
+#[test]
+fn changes_at_the_slot_limit_reuse_deleted_ids() {
+    let n = u64::from(Limits::X86_64_SLOTS);
+    let grid: Vec<Region> = samples::planner_grid(n).unwrap().regions().to_vec();
+    let boot = || {
+        let mut layout = Layout::new(Limits::default());
+        step(&mut layout, &map(&grid), &CutPolicy::minimal());
+        assert_eq!(layout.len(), n as usize);
+        layout
+    };
+    let reused = |plan: &Plan| {
+        let deleted: Vec<SlotId> = plan
+            .calls
+            .iter()
+            .filter(|c| c.change == Change::Delete)
+            .map(|c| c.call.id())
+            .collect();
+        plan.calls
+            .iter()
+            .filter(|c| c.change == Change::Create && deleted.contains(&c.call.id()))
+            .count()
+    };
+    // One slot made read-only: DELETE x, CREATE x.
+    let mut layout = boot();
+    let mut one_ro = grid.clone();
+    one_ro[7].flags = SlotFlags::READONLY;
+    let plan = step(&mut layout, &map(&one_ro), &CutPolicy::default());
+    eprintln!("one slot read-only: {} calls", plan.ioctls());
+    assert_eq!(changes(&plan), vec![Change::Delete, Change::Create]);
+    assert_eq!(reused(&plan), 1);
+    // 32,764 slots to 1: every slot deleted, one created over new memory.
+    let mut layout = boot();
+    let one = Region {
+        address_space: 0,
+        gpa: 0,
+        size: n * 0x20_0000,
+        host: samples::SAMPLE_HOST + (n << 24),
+        flags: SlotFlags::NONE,
+    };
+    let plan = step(&mut layout, &map(&[one]), &CutPolicy::default());
+    let count = |plan: &Plan, kind| plan.calls.iter().filter(|c| c.change == kind).count();
+    eprintln!(
+        "32,764 slots to 1 region: {} calls ({} creates: the PC policy cuts below 1 MiB)",
+        plan.ioctls(),
+        count(&plan, Change::Create)
+    );
+    assert_eq!(count(&plan, Change::Delete), n as usize);
+    // No id is free before the batch: every create re-uses a deleted one.
+    assert_eq!(reused(&plan), count(&plan, Change::Create));
+    assert_eq!(layout.len(), count(&plan, Change::Create));
+    // Every slot rotated by one place: a cycle of moves, one broken into DELETE + CREATE.
+    let mut layout = boot();
+    let rotated: Vec<Region> = (0..grid.len())
+        .map(|i| Region {
+            gpa: grid[(i + 1) % grid.len()].gpa,
+            ..grid[i]
+        })
+        .collect();
+    let plan = step(&mut layout, &map(&rotated), &CutPolicy::default());
+    eprintln!(
+        "rotate every slot: {} calls ({} moves)",
+        plan.ioctls(),
+        count(&plan, Change::Move)
+    );
+    assert_eq!(count(&plan, Change::Delete), 1);
+    assert_eq!(count(&plan, Change::Create), 1);
+    assert_eq!(count(&plan, Change::Move), n as usize - 1);
+    assert_eq!(reused(&plan), 1);
+    // With an id free, none is re-used.
+    let mut layout = boot();
+    layout
+        .apply(&layout.slot(SlotId::new(3)).unwrap().delete_call())
+        .unwrap();
+    let mut fewer = one_ro.clone();
+    fewer.remove(3);
+    let plan = step(&mut layout, &map(&fewer), &CutPolicy::default());
+    assert_eq!(reused(&plan), 0);
+    assert_eq!(plan.calls[1].call.id(), SlotId::new(3));
 }

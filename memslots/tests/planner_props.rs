@@ -179,9 +179,12 @@ impl Vm {
     }
 }
 
-fn check_sequence(ops: &[Op], policy: &CutPolicy) -> Result<(), TestCaseError> {
+/// Plans the sequence under `limits` and checks every plan; returns the most slots one address
+/// space held after any step.
+fn check_sequence(ops: &[Op], policy: &CutPolicy, limits: Limits) -> Result<usize, TestCaseError> {
     let mut vm = Vm::new();
-    let mut layout = Layout::new(Limits::default());
+    let mut layout = Layout::new(limits);
+    let mut most = 0;
     let mut targets = vec![vm.map()];
     for op in ops {
         vm.apply(op);
@@ -191,8 +194,9 @@ fn check_sequence(ops: &[Op], policy: &CutPolicy) -> Result<(), TestCaseError> {
         let plan = plan_with(&layout, target, policy)
             .map_err(|e| TestCaseError::fail(format!("step {step}: {e}")))?;
         let calls = plan.slot_calls();
-        // Ids: a create never uses an id in use before the batch (so never one it deletes), and
-        // new ids are the lowest free ones.
+        // Ids: a create never uses an id in use before the batch unless the batch deletes it,
+        // and new ids are the lowest free ones, then (only when none is free below the limit)
+        // the deleted ones, lowest first.
         let before: BTreeSet<SlotId> = layout.slots().map(|s| s.id).collect();
         let created: Vec<SlotId> = plan
             .calls
@@ -207,26 +211,51 @@ fn check_sequence(ops: &[Op], policy: &CutPolicy) -> Result<(), TestCaseError> {
             .map(|c| c.call.id())
             .collect();
         for id in &created {
-            prop_assert!(!before.contains(id), "step {step}: create reuses {id}");
             prop_assert!(
-                !deleted.contains(id),
-                "step {step}: create reuses deleted {id}"
+                !before.contains(id) || deleted.contains(id),
+                "step {step}: create reuses live {id}"
             );
         }
         let mut sorted = created.clone();
         sorted.sort();
         for space in [0u16, 1] {
-            let mine: Vec<SlotId> = sorted
+            let mut mine: Vec<SlotId> = sorted
                 .iter()
                 .copied()
                 .filter(|id| id.address_space == space)
                 .collect();
-            let lowest: Vec<SlotId> = (0..u16::MAX)
+            let mut expected: Vec<SlotId> = (0..limits.slots)
                 .map(|id| SlotId::in_space(space, id))
                 .filter(|id| !before.contains(id))
                 .take(mine.len())
                 .collect();
-            prop_assert_eq!(mine, lowest, "step {}: ids not lowest-first", step);
+            let reused = mine.len() - expected.len();
+            expected.extend(
+                deleted
+                    .iter()
+                    .copied()
+                    .filter(|id| id.address_space == space)
+                    .take(reused),
+            );
+            expected.sort();
+            mine.sort();
+            prop_assert_eq!(mine, expected, "step {}: ids not lowest-first", step);
+            if reused > 0 {
+                // A deleted id is re-used only after its DELETE.
+                for (i, c) in plan.calls.iter().enumerate() {
+                    if c.change == Change::Create && deleted.contains(&c.call.id()) {
+                        let del = plan
+                            .calls
+                            .iter()
+                            .position(|d| d.change == Change::Delete && d.call.id() == c.call.id());
+                        prop_assert!(
+                            del.is_some_and(|d| d < i),
+                            "step {}: create before delete",
+                            step
+                        );
+                    }
+                }
+            }
         }
         // The model accepts the plan, the quiesced calls are exactly its hole window, and the
         // result maps exactly like the target.
@@ -245,8 +274,16 @@ fn check_sequence(ops: &[Op], policy: &CutPolicy) -> Result<(), TestCaseError> {
         let again = plan_with(&layout, target, policy)
             .map_err(|e| TestCaseError::fail(format!("step {step} again: {e}")))?;
         prop_assert!(again.is_empty(), "step {}: replanning is not empty", step);
+        for space in [0u16, 1] {
+            most = most.max(
+                layout
+                    .slots()
+                    .filter(|s| s.id.address_space == space)
+                    .count(),
+            );
+        }
     }
-    Ok(())
+    Ok(most)
 }
 
 proptest! {
@@ -255,6 +292,17 @@ proptest! {
     #[test]
     fn random_map_sequences_plan_safely(ops in proptest::collection::vec(op(), 1..12), minimal in any::<bool>()) {
         let policy = if minimal { CutPolicy::minimal() } else { CutPolicy::x86_pc() };
-        check_sequence(&ops, &policy)?;
+        check_sequence(&ops, &policy, Limits::default())?;
+    }
+
+    /// The same sequences with the slot limit set to the most slots they ever hold: every plan
+    /// still fits (re-using ids it deletes where no other is free), since with minimal cuts the
+    /// planner's choices do not depend on ids.
+    #[test]
+    fn random_map_sequences_plan_at_the_slot_limit(ops in proptest::collection::vec(op(), 1..12)) {
+        let policy = CutPolicy::minimal();
+        let most = check_sequence(&ops, &policy, Limits::default())?;
+        let tight = Limits { slots: most.max(1) as u16, ..Limits::default() };
+        check_sequence(&ops, &policy, tight)?;
     }
 }

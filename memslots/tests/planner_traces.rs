@@ -6,14 +6,14 @@ use memslots::planner::{CutPolicy, MemoryMap};
 use memslots::trace::Trace;
 
 mod support;
-use support::traces;
+use support::{smm_traces, traces};
 
 #[test]
 fn every_trace_meets_the_floors() {
     let mut failures = Vec::new();
     let all = traces();
     assert!(!all.is_empty(), "no traces");
-    for path in all {
+    for path in all.into_iter().chain(smm_traces()) {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let trace = Trace::from_file(&path).unwrap();
         let run = replay(&trace, Limits::default(), &CutPolicy::default())
@@ -37,6 +37,15 @@ fn every_trace_meets_the_floors() {
             }
             for h in &holes.holes {
                 assert!(window.contains(&h.opened_by) && window.contains(&h.closed_by));
+            }
+            let mut scratch = layout.clone();
+            for pc in &c.plan.calls {
+                let applied = scratch.apply(&pc.call).unwrap();
+                assert_eq!(
+                    pc.drops_dirty_bitmap,
+                    applied.drops_dirty_bitmap(),
+                    "{name}"
+                );
             }
             layout
                 .apply_batch(&calls)
@@ -73,4 +82,17 @@ fn every_trace_meets_the_floors() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn smm_traces_plan_both_address_spaces() {
+    for path in smm_traces() {
+        let trace = Trace::from_file(&path).unwrap();
+        let run = replay(&trace, Limits::default(), &CutPolicy::default()).unwrap();
+        assert!(
+            run.layout.slots().any(|s| s.id.address_space == 1),
+            "{}: no SMM slot planned",
+            path.display()
+        );
+    }
 }

@@ -5,7 +5,7 @@ use memslots::model::Limits;
 use memslots::trace::Trace;
 
 mod support;
-use support::traces;
+use support::{smm_traces, traces};
 
 #[test]
 fn every_trace_is_predicted() {
@@ -14,7 +14,7 @@ fn every_trace_is_predicted() {
         all.len() >= 8,
         "expected the captured traces, found {all:?}"
     );
-    for path in all {
+    for path in all.into_iter().chain(smm_traces()) {
         let trace = Trace::from_file(&path).expect("parses");
         assert!(!trace.calls.is_empty(), "{}", path.display());
         let report = run_trace(&trace, Limits::default());
@@ -27,5 +27,22 @@ fn every_trace_is_predicted() {
             report.first_mismatch
         );
         assert!(trace.commits().len() >= 2, "{}", path.display());
+    }
+}
+
+#[test]
+fn qemu_7_2_smm_slots_are_read_and_predicted() {
+    let all = smm_traces();
+    assert!(!all.is_empty(), "no SMM trace");
+    for path in all {
+        let trace = Trace::from_file(&path).expect("parses");
+        let smm = trace
+            .calls
+            .iter()
+            .filter(|c| c.call.id().address_space == 1)
+            .count();
+        assert!(smm > 0, "{}: no address-space-1 call", path.display());
+        let report = run_trace(&trace, Limits::default());
+        assert_eq!(report.mismatches, 0, "{:#?}", report.first_mismatch);
     }
 }

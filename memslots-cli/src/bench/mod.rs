@@ -35,9 +35,12 @@ pub struct Args {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/traces"))]
     traces: PathBuf,
     /// Run only these sections (ioctl, blackout, kick, soft, planner, traces); default all.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = SECTIONS)]
     only: Vec<String>,
 }
+
+/// The sections `--only` may name; anything else is a usage error (exit 2), not a run of nothing.
+const SECTIONS: [&str; 6] = ["ioctl", "blackout", "kick", "soft", "planner", "traces"];
 
 /// The committed traces in `dir`, sorted.
 fn trace_files(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>> {

@@ -1,6 +1,9 @@
 //! A KVM VM: creation, the kernel's limits, and the raw slot call.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_CAP_MULTI_ADDRESS_SPACE};
+use kvm_bindings::{
+    kvm_userspace_memory_region, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_GPA_BITS,
+    KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::model::{Limits, SlotCall};
@@ -29,7 +32,7 @@ impl Vm {
     pub fn new() -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
-        let limits = read_limits(&fd);
+        let limits = read_limits(&kvm, &fd);
         Ok(Vm { kvm, fd, limits })
     }
 
@@ -77,7 +80,7 @@ impl Vm {
 }
 
 /// The limits `KVM_CHECK_EXTENSION` reports on `vm`, defaults elsewhere.
-fn read_limits(vm: &VmFd) -> Limits {
+fn read_limits(kvm: &Kvm, vm: &VmFd) -> Limits {
     let defaults = Limits::default();
     let slots = vm.check_extension_int(Cap::NrMemslots);
     let spaces = vm.check_extension_raw(KVM_CAP_MULTI_ADDRESS_SPACE.into());
@@ -88,6 +91,36 @@ fn read_limits(vm: &VmFd) -> Limits {
         readonly: vm.check_extension(Cap::ReadonlyMem),
         // This library drives the v1 ioctl, which never accepts GUEST_MEMFD.
         guest_memfd: false,
+        max_gfn: max_gfn(kvm, vm).unwrap_or(defaults.max_gfn),
         ..defaults
     }
+}
+
+/// `kvm_mmu_max_gfn()`, where it can be known: `KVM_CAP_VM_GPA_BITS` where the kernel reports it
+/// (x86 reports 0); on x86 with TDP (EPT/NPT) the host's MAXPHYADDR, which
+/// `KVM_GET_SUPPORTED_CPUID` leaf 0x80000008 passes through unchanged in that case. Without TDP
+/// KVM's bound is 52 bits, the default.
+fn max_gfn(kvm: &Kvm, vm: &VmFd) -> Option<u64> {
+    let bits = vm.check_extension_raw(KVM_CAP_VM_GPA_BITS.into());
+    if (13..=64).contains(&bits) {
+        return Some(Limits::max_gfn_for_bits(bits as u32));
+    }
+    let tdp = [
+        "/sys/module/kvm_intel/parameters/ept",
+        "/sys/module/kvm_amd/parameters/npt",
+    ]
+    .iter()
+    .any(|p| std::fs::read_to_string(p).is_ok_and(|v| matches!(v.trim(), "Y" | "1")));
+    if !tdp {
+        return None;
+    }
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok()?;
+    let leaf = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)?;
+    let bits = leaf.eax & 0xff;
+    (32..=52)
+        .contains(&bits)
+        .then(|| Limits::max_gfn_for_bits(bits))
 }

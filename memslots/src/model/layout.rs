@@ -18,6 +18,22 @@ pub struct Applied {
     pub after: Option<Slot>,
 }
 
+impl Applied {
+    /// Whether the call drops (or may drop) the slot's dirty bitmap, so bits a VMM has not
+    /// harvested are lost: a DELETE of a logging slot, logging turned off, and a MOVE of a logging
+    /// slot (KVM carries its bitmap over, but the bits then describe the new GPAs; treated alike,
+    /// as the KVM backend's updater does).
+    pub fn drops_dirty_bitmap(&self) -> bool {
+        let Some(old) = self.before else { return false };
+        old.flags.log_dirty()
+            && match self.change {
+                Change::Delete | Change::Move => true,
+                Change::FlagsOnly => !self.after.is_some_and(|s| s.flags.log_dirty()),
+                _ => false,
+            }
+    }
+}
+
 /// A guest-physical mapping of one range: the host address of its first byte and whether the guest
 /// may write it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -291,6 +307,14 @@ impl Layout {
         if matches!(change, Change::Create | Change::Move) {
             if let Some(other) = self.overlap(id, call.gpa, call.gpa + call.size) {
                 return Err(Rule::Overlap { other });
+            }
+            // The arch hook runs after the overlap check, inside kvm_set_memslot.
+            let last_gfn = (call.gpa + call.size - 1) / page;
+            if last_gfn > l.max_gfn {
+                return Err(Rule::GfnTooHigh {
+                    last_gfn,
+                    max_gfn: l.max_gfn,
+                });
             }
         }
         Ok((change, old))

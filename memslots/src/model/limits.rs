@@ -27,11 +27,28 @@ pub struct Limits {
     pub user_addr_max: u64,
     /// Most pages one slot may have (`KVM_MEM_MAX_NR_PAGES` = 2^31 - 1).
     pub max_pages: u64,
+    /// The highest guest frame number a slot's last page may have (x86's `kvm_mmu_max_gfn()`):
+    /// a CREATE or MOVE reaching past it is refused with `EINVAL`.
+    ///
+    /// x86-64 default: 52-bit guest physical addresses, `2^40 - 1` (what KVM uses without TDP;
+    /// with TDP it is the host's MAXPHYADDR). Measured here: `gpa=0xffffffffff000 size=0x1000` is
+    /// accepted, `size=0x2000` refused.
+    #[serde(default = "Limits::default_max_gfn")]
+    pub max_gfn: u64,
 }
 
 impl Limits {
     /// `KVM_USER_MEM_SLOTS` on x86-64.
     pub const X86_64_SLOTS: u16 = 32764;
+
+    /// `kvm_mmu_max_gfn()` for `bits` of guest physical address.
+    pub const fn max_gfn_for_bits(bits: u32) -> u64 {
+        (1u64 << (bits - PAGE_SIZE.trailing_zeros())) - 1
+    }
+
+    fn default_max_gfn() -> u64 {
+        Self::max_gfn_for_bits(52)
+    }
 
     /// A slot id's raw limit check, as the ioctl does it first.
     pub fn id_in_range(&self, id: u16) -> bool {
@@ -49,6 +66,7 @@ impl Default for Limits {
             page_size: PAGE_SIZE,
             user_addr_max: 0x7fff_ffff_f000,
             max_pages: (1 << 31) - 1,
+            max_gfn: Self::default_max_gfn(),
         }
     }
 }

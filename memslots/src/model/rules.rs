@@ -130,6 +130,15 @@ pub enum Rule {
         /// The slot asked for.
         id: SlotId,
     },
+    /// A CREATE or MOVE whose last page is past the highest guest frame the host's MMU maps
+    /// (x86's `kvm_arch_prepare_memory_region`, after the overlap check).
+    #[error("last guest frame {last_gfn:#x} is past the maximum guest frame {max_gfn:#x}")]
+    GfnTooHigh {
+        /// The slot's last frame.
+        last_gfn: u64,
+        /// [`Limits::max_gfn`](super::Limits::max_gfn).
+        max_gfn: u64,
+    },
     /// A CREATE or MOVE would overlap another slot of the same address space.
     #[error("the range overlaps slot {other}")]
     Overlap {
@@ -164,6 +173,7 @@ impl Rule {
             Rule::ReadonlyToggle { .. } => "readonly_toggle",
             Rule::GuestMemfdImmutable { .. } => "guest_memfd_immutable",
             Rule::Overlap { .. } => "overlap",
+            Rule::GfnTooHigh { .. } => "gfn_too_high",
         }
     }
 }

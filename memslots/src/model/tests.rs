@@ -187,6 +187,56 @@ fn rule_gpa_wraps_and_too_many_pages() {
 }
 
 #[test]
+fn rule_max_gfn_on_create_and_move() {
+    // Measured on this machine's kernel (issue 17): the last frame may be 2^40 - 1, not 2^40.
+    let at = |id, gpa, size| slot(id, gpa, size, HOST, SlotFlags::NONE);
+    let l = layout();
+    let top = 0xf_ffff_ffff_f000;
+    assert_eq!(l.check(&at(0, top, P).set_call()), Ok(Change::Create));
+    refuses(
+        &l,
+        at(0, top, 2 * P).set_call(),
+        "gfn_too_high",
+        libc::EINVAL,
+    );
+    refuses(
+        &l,
+        at(0, top + P, P).set_call(),
+        "gfn_too_high",
+        libc::EINVAL,
+    );
+    // A MOVE is checked too; a DELETE, a flags change or an unchanged slot is not.
+    let l = with(&[ram(0, 0, 2 * P)]);
+    let moved = |gpa| SlotCall {
+        gpa,
+        ..ram(0, 0, 2 * P).set_call()
+    };
+    assert_eq!(l.check(&moved(top - P)), Ok(Change::Move));
+    refuses(&l, moved(top), "gfn_too_high", libc::EINVAL);
+    let l = with(&[at(0, top, P)]);
+    assert_eq!(l.check(&at(0, top, P).delete_call()), Ok(Change::Delete));
+    let logging = slot(0, top, P, HOST, SlotFlags::LOG_DIRTY_PAGES);
+    assert_eq!(l.check(&logging.set_call()), Ok(Change::FlagsOnly));
+    // Overlap (EEXIST) is checked before it, as in the kernel.
+    refuses(&l, at(1, top, 2 * P).set_call(), "overlap", libc::EEXIST);
+    // A smaller maximum, as a kernel with TDP on a 48-bit host has.
+    let l = Layout::new(Limits {
+        max_gfn: Limits::max_gfn_for_bits(48),
+        ..Limits::default()
+    });
+    assert_eq!(
+        l.check(&at(0, (1 << 48) - P, P).set_call()),
+        Ok(Change::Create)
+    );
+    refuses(
+        &l,
+        at(0, 1 << 48, P).set_call(),
+        "gfn_too_high",
+        libc::EINVAL,
+    );
+}
+
+#[test]
 fn delete_create_move_flags_noop() {
     let s = ram(3, 0x10_0000, 8 * P);
     let l = with(&[s]);

@@ -152,13 +152,14 @@ pub enum MapError {
         message: String,
     },
     /// A semantic error in a file, with the file named.
-    #[error("{path}: {source}")]
+    // The inner error is part of the message and deliberately not a `source`: error chains print
+    // every source after the message, which printed it twice.
+    #[error("{}: {inner}", path.display())]
     InFile {
         /// The file.
         path: PathBuf,
         /// The error.
-        #[source]
-        source: Box<MapError>,
+        inner: Box<MapError>,
     },
 }
 
@@ -339,7 +340,7 @@ impl MemoryMap {
             e @ (MapError::Json { .. } | MapError::Io { .. }) => e,
             other => MapError::InFile {
                 path: path.to_owned(),
-                source: Box::new(other),
+                inner: Box::new(other),
             },
         })
     }
@@ -381,25 +382,51 @@ impl Serialize for Num {
 
 impl<'de> Deserialize<'de> for Num {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(v) => Ok(Num(v)),
-            Raw::Text(t) => {
+        // A visitor rather than an untagged enum: the enum's only error was "data did not match
+        // any variant", which named neither the value nor what is wrong with it.
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Num;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a number from 0 to 2^64 - 1 (a JSON integer, or a decimal or 0x hex string)",
+                )
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Num, E> {
+                Ok(Num(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Num, E> {
+                u64::try_from(v).map(Num).map_err(|_| {
+                    E::custom(format!("{v} is negative; numbers here are 0 to 2^64 - 1"))
+                })
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Num, E> {
+                // serde_json hands integers past u64 over as floats.
+                Err(E::custom(format!(
+                    "{v} is not a whole number from 0 to 2^64 - 1 (too large, or not an integer)"
+                )))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Num, E> {
                 let t = t.replace('_', "");
                 let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
                     Some(hex) => u64::from_str_radix(hex, 16),
                     None => t.parse(),
                 };
-                parsed.map(Num).map_err(|_| {
-                    serde::de::Error::custom(format!("`{t}` is not a number (decimal or 0x hex)"))
+                parsed.map(Num).map_err(|e| {
+                    let why = match e.kind() {
+                        std::num::IntErrorKind::PosOverflow => "is too large for 64 bits",
+                        _ => "is not a number (decimal or 0x hex)",
+                    };
+                    E::custom(format!("`{t}` {why}"))
                 })
             }
         }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -570,6 +597,61 @@ mod tests {
             Err(MapError::NoBacking { .. })
         ));
         assert!(one(r#"{"gpa":"0x0","size":"0x1000","host":"0x1000","color":1}"#).is_err());
+    }
+
+    #[test]
+    fn numbers_out_of_range_say_so() {
+        let one = |gpa: &str| {
+            MemoryMap::from_json(
+                &format!(
+                    "{{\"regions\":[{{\"gpa\":{gpa},\"size\":\"0x1000\",\"host\":\"0x1000\"}}]}}"
+                ),
+                "x.json",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        for (gpa, want) in [
+            (
+                "18446744073709551616",
+                "not a whole number from 0 to 2^64 - 1",
+            ),
+            ("-4096", "-4096 is negative"),
+            ("1.5", "not a whole number"),
+            ("\"0x10000000000000000\"", "is too large for 64 bits"),
+            ("\"12ab\"", "`12ab` is not a number"),
+            ("true", "a number from 0 to 2^64 - 1"),
+        ] {
+            let msg = one(gpa);
+            assert!(msg.starts_with("x.json:1:"), "{msg}");
+            assert!(msg.contains(want), "{gpa}: {msg}");
+            assert!(!msg.contains("untagged"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn file_errors_print_once() {
+        let dir = std::env::temp_dir().join(format!("memslots-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("b.json");
+        let bad = MAP.replace("\"gpa\": \"0xc0000\"", "\"gpa\": \"0x9f000\"");
+        std::fs::write(&path, bad).unwrap();
+        let err = MemoryMap::from_file(&path).unwrap_err();
+        // The whole chain, as the CLI prints it.
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        assert_eq!(
+            text,
+            format!(
+                "{}: regions[1] overlaps regions[0] (low ram) in address space 0 at gpa 0x9f000",
+                path.display()
+            )
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

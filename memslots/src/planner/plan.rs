@@ -20,6 +20,12 @@ pub struct PlannedCall {
     pub quiesced: bool,
     /// Bytes of slot KVM zaps for it (the old slot's size for a DELETE or MOVE, else 0).
     pub zapped_bytes: u64,
+    /// Whether it drops the slot's dirty bitmap ([`Applied::drops_dirty_bitmap`]): a VMM
+    /// applying the plan itself harvests the slot's dirty log before this call, with vCPUs held
+    /// out if it wants every bit (pages dirtied after its last harvest are otherwise lost).
+    ///
+    /// [`Applied::drops_dirty_bitmap`]: crate::model::Applied::drops_dirty_bitmap
+    pub drops_dirty_bitmap: bool,
 }
 
 /// A batch of raw slot calls that takes a layout to a target mapping, in the order they must be
@@ -66,6 +72,11 @@ impl Plan {
         self.calls.iter().map(|c| c.call).collect()
     }
 
+    /// The calls that drop a dirty bitmap (harvest the slot's dirty log before each).
+    pub fn dirty_bitmap_drops(&self) -> impl Iterator<Item = &PlannedCall> + '_ {
+        self.calls.iter().filter(|c| c.drops_dirty_bitmap)
+    }
+
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.calls.is_empty()
@@ -78,15 +89,18 @@ pub enum PlanError {
     /// The map needs more slot ids at once than the kernel has.
     #[error(
         "address space {address_space} needs {needed} slot ids at once ({current} in use before \
-         the batch, {new} new, first new slot at gpa {gpa:#x}); the kernel allows {limit}"
+         the batch, {deleted} deleted, {new} new, first new slot at gpa {gpa:#x}); the kernel \
+         allows {limit}"
     )]
     TooManySlots {
         /// The address space.
         address_space: u16,
-        /// Ids in flight: in use before the batch plus new ones.
+        /// Ids in use once the batch's deletes are done and its creates made.
         needed: usize,
-        /// Ids in use before the batch (the batch may not reuse the ones it deletes).
+        /// Ids in use before the batch.
         current: usize,
+        /// Slots the batch deletes (their ids are re-used when no other id is free).
+        deleted: usize,
         /// New slots.
         new: usize,
         /// GPA of the first new slot.
@@ -136,8 +150,9 @@ struct SpacePlan {
 /// moves (those that end dirty logging on a slot last, next to the window, so a backend that
 /// collects their final dirty bits with vCPUs held out can extend its quiesce by just them), then
 /// the calls inside the model's quiesce window (deletes and moves that open holes, then the
-/// creates that close them), then hole-free creates. New ids are the lowest free ones,
-/// never one this batch deletes. O(n log n) in slots and regions.
+/// creates that close them), then hole-free creates. New ids are the lowest free ones; an id
+/// this batch deletes is re-used only when no other is free (every DELETE precedes every
+/// CREATE). O(n log n) in slots and regions.
 pub fn plan_with(
     current: &Layout,
     target: &MemoryMap,
@@ -156,6 +171,12 @@ pub fn plan_with(
             Some(format!(
                 "host range ends past {:#x}, the kernel's user range",
                 limits.user_addr_max
+            ))
+        } else if (r.end() - 1) / limits.page_size > limits.max_gfn {
+            Some(format!(
+                "guest range ends past {:#x}, the host's maximum guest frame {:#x}",
+                (limits.max_gfn + 1).saturating_mul(limits.page_size),
+                limits.max_gfn
             ))
         } else {
             None
@@ -184,28 +205,36 @@ pub fn plan_with(
         let mut sp = plan_space(&slots, regions, policy, max_bytes);
         let limit = limits.slots as usize;
         let budget = limit.saturating_sub(policy.headroom as usize);
-        if slots.len() + sp.creates.len() > budget {
+        // Every delete runs before every create (see the ordering below), so the ids in use at
+        // once peak at the larger of before and after the batch; `slots.len() <= limit` already.
+        let after = |sp: &SpacePlan| slots.len() - sp.deletes.len() + sp.creates.len();
+        if after(&sp) > budget {
             sp = plan_space(&slots, regions, &CutPolicy::minimal(), max_bytes);
         }
-        let needed = slots.len() + sp.creates.len();
+        let needed = after(&sp);
         if needed > limit {
             return Err(PlanError::TooManySlots {
                 address_space: space,
                 needed,
                 current: slots.len(),
+                deleted: sp.deletes.len(),
                 new: sp.creates.len(),
                 gpa: sp.creates.first().map_or(0, |r| r.gpa),
                 limit: limits.slots,
             });
         }
-        // New ids: lowest first, skipping every id in use before the batch.
+        // New ids: lowest first, skipping every id in use before the batch; only when none is
+        // left, the ids this batch deletes, lowest first (their DELETEs run before any CREATE).
         let mut used: Vec<u16> = slots.iter().map(|s| s.id.id).collect();
         used.sort_unstable();
         let mut used = used.into_iter().peekable();
+        let mut freed: Vec<u16> = sp.deletes.iter().map(|s| s.id.id).collect();
+        freed.sort_unstable();
+        let mut freed = freed.into_iter();
         let mut next = 0u16;
         let mut new_slots = Vec::with_capacity(sp.creates.len());
         for r in &sp.creates {
-            // Skip ids in use (`used` is sorted; `needed <= limit` keeps `next` below it).
+            // Skip ids in use (`used` is sorted).
             while let Some(&u) = used.peek() {
                 if u > next {
                     break;
@@ -215,14 +244,28 @@ pub fn plan_with(
                     next += 1;
                 }
             }
+            let id = if next < limits.slots {
+                next += 1;
+                next - 1
+            } else {
+                // `needed <= limit` leaves a deleted id for every create past the free ones.
+                freed.next().ok_or(PlanError::TooManySlots {
+                    address_space: space,
+                    needed,
+                    current: slots.len(),
+                    deleted: sp.deletes.len(),
+                    new: sp.creates.len(),
+                    gpa: r.gpa,
+                    limit: limits.slots,
+                })?
+            };
             new_slots.push(Slot {
-                id: SlotId::in_space(space, next),
+                id: SlotId::in_space(space, id),
                 gpa: r.gpa,
                 size: r.size,
                 host: r.host,
                 flags: r.flags,
             });
-            next += 1;
         }
 
         // Ordering. A delete opens a hole iff the target maps part of its range; a create closes
@@ -302,13 +345,28 @@ pub fn plan_with(
         },
         quiesced,
         zapped_bytes: zapped,
+        // The plan's calls touch each id once, so the slot before the batch is the one the
+        // call changes.
+        drops_dirty_bitmap: current.slot(call.id()).is_some_and(|old| {
+            old.flags.log_dirty()
+                && (call.is_delete() || call.gpa != old.gpa || !call.slot_flags().log_dirty())
+        }),
     };
     calls.extend(head.into_iter().map(|c| planned(c, false)));
     calls.extend(lossy.into_iter().map(|c| planned(c, false)));
     calls.extend(open.into_iter().map(|c| planned(c, true)));
     calls.extend(moves_open.into_iter().map(|c| planned(c, true)));
-    calls.extend(close.into_iter().map(|c| planned((c, 0), true)));
-    calls.extend(tail.into_iter().map(|c| planned((c, 0), false)));
+    // New slots are CREATEs even when they re-use an id the batch deleted (the slot before the
+    // batch is not the one they change, and they drop no bitmap).
+    let created = |call: SlotCall, quiesced: bool| PlannedCall {
+        call,
+        change: Change::Create,
+        quiesced,
+        zapped_bytes: 0,
+        drops_dirty_bitmap: false,
+    };
+    calls.extend(close.into_iter().map(|c| created(c, true)));
+    calls.extend(tail.into_iter().map(|c| created(c, false)));
     Ok(Plan { calls })
 }
 
@@ -438,7 +496,7 @@ fn plan_space(slots: &[Slot], regions: &[Region], policy: &CutPolicy, max_bytes:
     let mut cuts = Vec::new();
     for r in joined {
         cuts.clear();
-        policy.cuts(r.gpa, r.end(), &mut cuts);
+        policy.cuts(r.gpa, r.end(), r.host, &mut cuts);
         let mut at = r.gpa;
         for &c in cuts.iter().chain(std::iter::once(&r.end())) {
             while at < c {

@@ -53,8 +53,9 @@ impl CutPolicy {
         }
     }
 
-    /// Cut points strictly inside `[start, end)`, ascending.
-    pub(crate) fn cuts(&self, start: u64, end: u64, out: &mut Vec<u64>) {
+    /// Cut points strictly inside `[start, end)`, ascending, for a range whose first byte is at
+    /// host address `host`.
+    pub(crate) fn cuts(&self, start: u64, end: u64, host: u64, out: &mut Vec<u64>) {
         let first = self.boundaries.partition_point(|&b| b <= start);
         out.extend(
             self.boundaries[first..]
@@ -75,7 +76,12 @@ impl CutPolicy {
                 out.push(fe);
             }
         }
-        if self.huge_page.is_power_of_two() && end - start > 4 * self.huge_page {
+        // KVM maps a GPA range with huge pages only where the host range is aligned the same way
+        // (GPA and host address congruent modulo the huge page size); elsewhere the cut buys
+        // nothing and only costs slots.
+        let congruent = self.huge_page.is_power_of_two()
+            && start.wrapping_sub(host) & (self.huge_page - 1) == 0;
+        if congruent && end - start > 4 * self.huge_page {
             let head = start.next_multiple_of(self.huge_page);
             let tail = end / self.huge_page * self.huge_page;
             if head > start && head < end {
@@ -116,22 +122,46 @@ mod tests {
     fn x86_cuts_below_one_mib() {
         let mut p = CutPolicy::x86_pc();
         let mut out = Vec::new();
-        p.cuts(0, 0x2000_0000, &mut out);
+        p.cuts(0, 0x2000_0000, 0x7f00_0000_0000, &mut out);
         assert_eq!(out, vec![0xa_0000, 0xc_0000, 0x10_0000]);
         p.fine_block = 0x1_0000;
         out.clear();
-        p.cuts(0, 0x2000_0000, &mut out);
+        p.cuts(0, 0x2000_0000, 0x7f00_0000_0000, &mut out);
         assert_eq!(
             out,
             vec![0xa_0000, 0xc_0000, 0xd_0000, 0xe_0000, 0xf_0000, 0x10_0000]
         );
         out.clear();
-        p.cuts(0xca000, 0xd8000, &mut out);
+        p.cuts(0xca000, 0xd8000, 0x7f00_000c_a000, &mut out);
         // 0xca000: 8 KiB block, then 0xcc000: 16 KiB, 0xd0000: 32 KiB.
         assert_eq!(out, vec![0xcc000, 0xd0000]);
         out.clear();
-        p.cuts(0x10_0000 + 0x1000, 0x1_0000_0000 - 0x1000, &mut out);
+        p.cuts(
+            0x10_0000 + 0x1000,
+            0x1_0000_0000 - 0x1000,
+            0x7f00_0010_1000,
+            &mut out,
+        );
         assert_eq!(out, vec![0x20_0000, 0xffe0_0000]);
+    }
+
+    #[test]
+    fn huge_page_cuts_only_where_host_and_guest_are_congruent() {
+        let p = CutPolicy {
+            boundaries: Vec::new(),
+            ..CutPolicy::x86_pc()
+        };
+        let (start, end) = (0x10_1000, 0x4000_0000 - 0x1000);
+        let mut out = Vec::new();
+        // Host congruent to the GPA modulo 2 MiB: the ragged ends are cut off.
+        p.cuts(start, end, 0x7f00_0010_1000, &mut out);
+        assert_eq!(out, vec![0x20_0000, 0x3fe0_0000]);
+        // Host 4 KiB off: KVM gives the range no huge page anyway, so no cut.
+        for host in [0x7f00_0010_2000, 0x7f00_0000_0000, 0x7f00_0011_1000] {
+            out.clear();
+            p.cuts(start, end, host, &mut out);
+            assert!(out.is_empty(), "host {host:#x}: {out:x?}");
+        }
     }
 
     #[test]

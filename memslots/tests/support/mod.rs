@@ -24,6 +24,13 @@ pub fn traces() -> Vec<PathBuf> {
     memslots::trace::Trace::files_in(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
+/// The hand-made traces with SMM (address space 1) slots, `tests/data/traces/smm/*.log`: kept out
+/// of [`traces`] because a replay on a kernel without a second address space cannot run them.
+pub fn smm_traces() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces/smm");
+    memslots::trace::Trace::files_in(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
 /// One committed trace by file name.
 pub fn trace(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
