@@ -219,8 +219,9 @@ impl SlotUpdater {
     }
 
     /// The device-side view of `layout`: built outside any quiesce, so that inside one only the
-    /// swap happens.
-    fn view_of(&self, layout: &Layout) -> GuestMemoryMmap {
+    /// swap happens. `None` when a slot maps memory the updater does not own (such a batch is
+    /// refused by the slot table before any view is needed).
+    fn view_of(&self, layout: &Layout) -> Option<GuestMemoryMmap> {
         let mut regions = Vec::new();
         for slot in layout.slots_by_gpa(0) {
             let prot = if slot.flags.readonly() {
@@ -228,10 +229,7 @@ impl SlotUpdater {
             } else {
                 libc::PROT_READ | libc::PROT_WRITE
             };
-            let backing = self
-                .memory
-                .owner(slot.host, slot.size)
-                .expect("slots only map owned memory");
+            let backing = self.memory.owner(slot.host, slot.size)?;
             // SAFETY: the range lies inside `backing`, which is never unmapped while a view built
             // here may be alive: backings live as long as the updater, and once views have been
             // handed out the updater's `Drop` leaks them instead of unmapping them.
@@ -250,11 +248,11 @@ impl SlotUpdater {
             regions.push(region);
         }
         // vm-memory refuses an empty collection: no slot is the empty view.
-        if regions.is_empty() {
+        Some(if regions.is_empty() {
             GuestMemoryMmap::default()
         } else {
             GuestMemoryMmap::from_regions(regions).expect("slots of one space never overlap")
-        }
+        })
     }
 
     /// Swaps `view` in.
@@ -267,7 +265,8 @@ impl SlotUpdater {
 
     /// Builds the view of the current layout and swaps it in.
     pub(crate) fn publish(&self) {
-        self.swap_view(self.view_of(self.slots.layout()));
+        let view = self.view_of(self.slots.layout());
+        self.swap_view(view.expect("the slot table only maps owned memory"));
     }
 
     /// Applies `calls` as one update with `strategy`. On failure everything is undone.
@@ -325,13 +324,13 @@ impl SlotUpdater {
             let mut mid = before.clone();
             mid.apply_batch(&calls[..window.end])
                 .map_err(ApplyError::Invalid)?;
-            Some(self.view_of(&mid))
+            self.view_of(&mid)
         } else {
             None
         };
         let views = Views {
             mid: mid_view,
-            last: Some(self.view_of(&target)),
+            last: self.view_of(&target),
         };
         if let Some(o) = &self.observer {
             o.begin(&target);
@@ -422,13 +421,18 @@ impl SlotUpdater {
             }
             if held.is_some() && i + 1 == window.end {
                 // Only the swap happens with vCPUs held out.
-                let view = views.mid.take().or_else(|| views.last.take());
-                self.swap_view(view.expect("a view for the window's end"));
+                match views.mid.take().or_else(|| views.last.take()) {
+                    Some(view) => self.swap_view(view),
+                    None => self.publish(),
+                }
                 times = held.take().map(|h| h.resume());
             }
         }
-        if let Some(last) = views.last {
-            self.swap_view(last);
+        match views.last {
+            Some(last) => self.swap_view(last),
+            // Not built before (see `view_of`): every call went through, so it builds now.
+            None if window.is_empty() || window.end < calls.len() => self.publish(),
+            None => {}
         }
         (None, times, quiesced_ioctls)
     }
