@@ -25,6 +25,7 @@ fn stress_json_has_the_contract_fields_and_atomic_is_clean() {
     }
     assert_eq!(j["backend"], "kvm");
     assert_eq!(j["strategy"], "atomic");
+    assert_eq!(j["trigger"], "guest", "guest-triggered by default");
     assert_eq!(j["workload"], "mixed");
     assert_eq!(j["updates"], 200);
     assert_eq!(j["spurious_exits"], 0);

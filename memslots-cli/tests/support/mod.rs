@@ -61,9 +61,10 @@ pub fn traces() -> Vec<PathBuf> {
 }
 
 /// The fields of the `stress`/`replay` JSON object (issues 5 and 8).
-pub const REPORT_FIELDS: [&str; 17] = [
+pub const REPORT_FIELDS: [&str; 18] = [
     "backend",
     "strategy",
+    "trigger",
     "workload",
     "vcpus",
     "updates",
