@@ -2,7 +2,7 @@
 
 mod support;
 
-use support::{last_json, memslots, stderr, temp, trace};
+use support::{last_json, memslots, plan_args, plan_json, stderr, temp, trace};
 
 #[test]
 fn trace_json_has_exactly_the_issue_fields() {
@@ -80,14 +80,7 @@ const B: &str = r#"{"backings": {"ram": {"host": "0x7f0000000000", "size": "0x40
 #[test]
 fn two_maps_give_one_transaction() {
     let (a, b) = (temp("a.json", A), temp("b.json", B));
-    let out = memslots(&[
-        "plan",
-        "--from",
-        a.to_str().unwrap(),
-        "--to",
-        b.to_str().unwrap(),
-        "--json",
-    ]);
+    let out = plan_json(&a, &b);
     assert!(out.status.success(), "{}", stderr(&out));
     let json = last_json(&out);
     assert_eq!(json["transactions"].as_array().unwrap().len(), 1);
@@ -118,13 +111,7 @@ fn overlapping_map_names_the_regions_and_exits_2() {
         r#"{"regions": [{"gpa": "0x0", "size": "0x2000", "host": "0x7f0000000000"},
                        {"gpa": "0x1000", "size": "0x1000", "host": "0x7f1000000000"}]}"#,
     );
-    let out = memslots(&[
-        "plan",
-        "--from",
-        a.to_str().unwrap(),
-        "--to",
-        b.to_str().unwrap(),
-    ]);
+    let out = memslots(&plan_args(&a, &b));
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(err.contains("regions[1] overlaps regions[0]"), "{err}");
@@ -137,13 +124,7 @@ fn json_syntax_error_gives_line_and_column() {
         "syntax.json",
         "{\n \"regions\": [\n  {\"gpa\": 0x0}\n ]\n}\n",
     );
-    let out = memslots(&[
-        "plan",
-        "--from",
-        a.to_str().unwrap(),
-        "--to",
-        a.to_str().unwrap(),
-    ]);
+    let out = memslots(&plan_args(&a, &a));
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("syntax.json:3:"), "{}", stderr(&out));
 }
@@ -163,13 +144,7 @@ fn map_with_more_slots_than_the_kernel_allows_exits_2() {
         "big.json",
         &format!(r#"{{"regions": [{}]}}"#, regions.join(",")),
     );
-    let out = memslots(&[
-        "plan",
-        "--from",
-        big.to_str().unwrap(),
-        "--to",
-        big.to_str().unwrap(),
-    ]);
+    let out = memslots(&plan_args(&big, &big));
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(
@@ -216,13 +191,7 @@ fn a_map_past_the_maximum_guest_frame_is_refused() {
         "top-b.json",
         r#"{"regions":[{"gpa":"0xffffffffff000","size":"0x2000","host":"0x7f0000000000"}]}"#,
     );
-    let out = memslots(&[
-        "plan",
-        "--from",
-        a.to_str().unwrap(),
-        "--to",
-        b.to_str().unwrap(),
-    ]);
+    let out = memslots(&plan_args(&a, &b));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("maximum guest frame"), "{err}");
@@ -231,13 +200,7 @@ fn a_map_past_the_maximum_guest_frame_is_refused() {
         "top-c.json",
         r#"{"regions":[{"gpa":"0xffffffffff000","size":"0x1000","host":"0x7f0000000000"}]}"#,
     );
-    let out = memslots(&[
-        "plan",
-        "--from",
-        a.to_str().unwrap(),
-        "--to",
-        c.to_str().unwrap(),
-    ]);
+    let out = memslots(&plan_args(&a, &c));
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -278,14 +241,7 @@ fn ops_that_drop_a_dirty_bitmap_say_so() {
         "dirty-b.json",
         &format!(r#"{{"regions":[{}]}}"#, logged("100000", false)),
     );
-    let out = memslots(&[
-        "plan",
-        "--from",
-        a.to_str().unwrap(),
-        "--to",
-        b.to_str().unwrap(),
-        "--json",
-    ]);
+    let out = plan_json(&a, &b);
     assert!(out.status.success(), "{}", stderr(&out));
     let json = last_json(&out);
     let ops = json["transactions"][0]["ops"].as_array().unwrap();

@@ -5,7 +5,7 @@ mod support;
 
 use std::process::{Command, Stdio};
 
-use support::{memslots, stderr, temp, trace};
+use support::{memslots, plan_args, stderr, temp, trace};
 
 /// Asserts a bad-input exit: status 2, no panic, and `want` in the one-line message.
 fn bad_input(args: &[&str], want: &str) -> String {
@@ -71,16 +71,7 @@ fn a_map_error_is_printed_once() {
         r#"{"regions":[{"gpa":"0x0","size":"0x2000","host":"0x7f0000000000"},
                        {"gpa":"0x1000","size":"0x1000","host":"0x7f0000100000"}]}"#,
     );
-    let err = bad_input(
-        &[
-            "plan",
-            "--from",
-            a.to_str().unwrap(),
-            "--to",
-            b.to_str().unwrap(),
-        ],
-        "regions[1] overlaps regions[0]",
-    );
+    let err = bad_input(&plan_args(&a, &b), "regions[1] overlaps regions[0]");
     assert_eq!(err.matches("overlaps").count(), 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
@@ -91,16 +82,7 @@ fn a_number_too_large_says_so() {
         "big-a.json",
         r#"{"regions":[{"gpa":18446744073709551616,"size":"0x1000","host":"0x1000"}]}"#,
     );
-    let err = bad_input(
-        &[
-            "plan",
-            "--from",
-            a.to_str().unwrap(),
-            "--to",
-            a.to_str().unwrap(),
-        ],
-        "not a whole number from 0 to 2^64 - 1",
-    );
+    let err = bad_input(&plan_args(&a, &a), "not a whole number from 0 to 2^64 - 1");
     assert!(!err.contains("untagged"), "{err}");
     assert!(err.contains(&format!("{}:1:", a.display())), "{err}");
 }

@@ -615,28 +615,27 @@ impl HostLayout {
     }
 }
 
-/// One commit of a trace to plan: the planner's batch for `atomic`, QEMU's calls otherwise.
-struct Commit {
-    strategy: Strategy,
-    target: MemoryMap,
-    /// QEMU's accepted calls of the commit (`None` for commit 0, reached back from the end).
-    qemu: Option<Vec<SlotCall>>,
-    /// QEMU's layout after commit 0 (only for commit 0).
-    first_layout: Option<Layout>,
+/// How the calls to one commit of a trace are made (owned: they may be planned on a vCPU thread).
+enum Commit {
+    /// The planner's batch towards this mapping (`atomic`).
+    Planned(MemoryMap),
+    /// QEMU's accepted calls of the commit.
+    Qemu(Vec<SlotCall>),
+    /// Back to commit 0: QEMU's listener's calls to its layout after commit 0.
+    BackTo(Layout),
 }
 
 impl Commit {
     /// The calls from `shadow` (the VM's slots in QEMU's host addresses) to this commit.
     fn calls(&self, shadow: &Layout) -> Result<Vec<SlotCall>, crate::planner::PlanError> {
-        Ok(match (self.strategy, &self.qemu, &self.first_layout) {
-            (Strategy::Atomic, ..) => crate::planner::plan(shadow, &self.target)?
+        Ok(match self {
+            Commit::Planned(target) => crate::planner::plan(shadow, target)?
                 .calls
                 .iter()
                 .map(|p| p.call)
                 .collect(),
-            (_, Some(calls), _) => calls.clone(),
-            (_, None, Some(first)) => crate::kvm::qemu_batch(shadow, first),
-            (_, None, None) => Vec::new(),
+            Commit::Qemu(calls) => calls.clone(),
+            Commit::BackTo(first) => crate::kvm::qemu_batch(shadow, first),
         })
     }
 }
@@ -802,22 +801,13 @@ impl TraceVm {
             .map_err(|source| ReplayError::Plan { commit: c, source })
     }
 
-    /// What planning commit `c` needs, owned (it may be planned on a vCPU thread).
+    /// What planning commit `c` needs.
     fn commit(&self, c: usize) -> Commit {
-        Commit {
-            strategy: self.strategy,
-            target: self.targets[c].clone(),
+        match self.strategy {
+            Strategy::Atomic => Commit::Planned(self.targets[c].clone()),
             // QEMU's own calls forward; its listener's calls back to (and into) commit 0.
-            qemu: if c == 0 {
-                None
-            } else {
-                Some(self.calls[c].clone())
-            },
-            first_layout: if c == 0 {
-                Some(self.first_layout.clone())
-            } else {
-                None
-            },
+            _ if c == 0 => Commit::BackTo(self.first_layout.clone()),
+            _ => Commit::Qemu(self.calls[c].clone()),
         }
     }
 

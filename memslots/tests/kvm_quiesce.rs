@@ -262,34 +262,7 @@ fn spin_vm_with(
             let fd = vm.fd().create_vcpu(i as u64).expect("vcpu");
             // Flat 32-bit protected mode (real mode is emulated on some hosts).
             let mut sregs = fd.get_sregs().expect("sregs");
-            let seg = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
-                base: 0,
-                limit: 0xffff_ffff,
-                selector,
-                type_,
-                present: 1,
-                dpl: 0,
-                db: 1,
-                s: 1,
-                l: 0,
-                g: 1,
-                avl: 0,
-                unusable: 0,
-                padding: 0,
-            };
-            sregs.cs = seg(0x08, 0xb);
-            for s in [
-                &mut sregs.ds,
-                &mut sregs.es,
-                &mut sregs.ss,
-                &mut sregs.fs,
-                &mut sregs.gs,
-            ] {
-                *s = seg(0x10, 0x3);
-            }
-            sregs.gdt.base = 0x500;
-            sregs.gdt.limit = 23;
-            sregs.cr0 = 0x11;
+            memslots::kvm::guest::flat_protected_mode(&mut sregs, 0x500);
             fd.set_sregs(&sregs).expect("sregs");
             let mut regs = fd.get_regs().expect("regs");
             regs.rip = 0x1000;
@@ -311,10 +284,24 @@ fn spawn_loop(
     kicked: Arc<AtomicU64>,
     on_exit: impl Fn() + Send + 'static,
 ) -> thread::JoinHandle<()> {
+    spawn_loop_after(gate, index, fd, stop, kicked, |_| {}, on_exit)
+}
+
+/// [`spawn_loop`], with `prepare` run on the registered vCPU first, on its thread.
+fn spawn_loop_after(
+    gate: &Arc<VcpuGate>,
+    index: usize,
+    fd: VcpuFd,
+    stop: Arc<AtomicBool>,
+    kicked: Arc<AtomicU64>,
+    prepare: impl FnOnce(&mut GateVcpu) + Send + 'static,
+    on_exit: impl Fn() + Send + 'static,
+) -> thread::JoinHandle<()> {
     let progress = kicked.clone();
     let gate = gate.clone();
     thread::spawn(move || {
         let mut vcpu = GateVcpu::new(&gate, index, fd).expect("register");
+        prepare(&mut vcpu);
         while !stop.load(Ordering::SeqCst) {
             match vcpu.run() {
                 Ok(None) => {
@@ -340,11 +327,12 @@ fn spawn_loop(
     })
 }
 
-/// Stops the loops: the flag, then a quiesce to kick them out of the guest.
+/// Stops the loops: the flag, then a quiesce to kick them out of the guest. A loop that checked
+/// the flag just before it was set is not kicked, but the guest exits on port 0x11 at every turn
+/// of its loop, and the next check sees the flag.
 fn stop_all(gate: &VcpuGate, stop: &AtomicBool, threads: Vec<thread::JoinHandle<()>>) {
     stop.store(true, Ordering::SeqCst);
     drop(gate.quiesce());
-    eprintln!("DBG stop quiesced");
     for t in threads {
         t.join().expect("vCPU thread");
     }
@@ -435,23 +423,9 @@ fn swapping_and_dropping_the_vcpu_fd_cannot_break_the_kick() {
             let (first, second) = (fds.remove(0), fds.remove(0));
             let stop = Arc::new(AtomicBool::new(false));
             let kicks = Arc::new(AtomicU64::new(0));
-            let t = {
-                let (gate, stop, kicks) = (gate.clone(), stop.clone(), kicks.clone());
-                thread::spawn(move || {
-                    let mut vcpu = GateVcpu::new(&gate, 0, first).expect("register");
-                    // Safe code: replace the registered fd, unmapping the old fd's kvm_run.
-                    drop(std::mem::replace(vcpu.vcpu_mut(), second));
-                    while !stop.load(Ordering::SeqCst) {
-                        match vcpu.run() {
-                            Ok(None) => {
-                                kicks.fetch_add(1, Ordering::SeqCst);
-                            }
-                            Ok(Some(_)) => {}
-                            Err(e) => panic!("KVM_RUN: {e}"),
-                        }
-                    }
-                })
-            };
+            // Safe code: replace the registered fd, unmapping the old fd's kvm_run.
+            let swap = move |vcpu: &mut GateVcpu| drop(std::mem::replace(vcpu.vcpu_mut(), second));
+            let t = spawn_loop_after(&gate, 0, first, stop.clone(), kicks.clone(), swap, || {});
             thread::sleep(Duration::from_millis(50));
             for _ in 0..200 {
                 drop(gate.quiesce());

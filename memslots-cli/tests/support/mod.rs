@@ -15,6 +15,19 @@ pub fn memslots(args: &[&str]) -> Output {
         .expect("run memslots")
 }
 
+/// The arguments of `memslots plan --from FROM --to TO`.
+pub fn plan_args<'a>(from: &'a Path, to: &'a Path) -> Vec<&'a str> {
+    let utf8 = |p: &'a Path| p.to_str().expect("a UTF-8 temp path");
+    vec!["plan", "--from", utf8(from), "--to", utf8(to)]
+}
+
+/// Runs `memslots plan --from FROM --to TO --json`.
+pub fn plan_json(from: &Path, to: &Path) -> Output {
+    let mut args = plan_args(from, to);
+    args.push("--json");
+    memslots(&args)
+}
+
 /// The JSON object on the last line of stdout.
 pub fn last_json(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -23,6 +23,7 @@
 
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
+use kvm_bindings::{kvm_segment, kvm_sregs};
 
 /// Size of the private window (the device window, then the private slot).
 pub const PRIVATE_SIZE: u64 = 2 << 20;
@@ -145,6 +146,41 @@ pub fn exec_function() -> Vec<u8> {
 /// The GDT: null, flat 32-bit code (0x08), flat data (0x10).
 pub fn gdt() -> [u64; 3] {
     [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
+}
+
+fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Puts `sregs` in flat 32-bit protected mode, no paging, with [`gdt`] at `gdt_base`: code
+/// selector 0x08, data 0x10.
+pub fn flat_protected_mode(sregs: &mut kvm_sregs, gdt_base: u64) {
+    sregs.cs = flat_segment(0x08, 0xb);
+    let data = flat_segment(0x10, 0x3);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = gdt_base;
+    sregs.gdt.limit = (std::mem::size_of::<[u64; 3]>() - 1) as u16;
+    sregs.cr0 = 0x11; // PE | ET; no paging
+    sregs.cr4 = 0;
+    sregs.efer = 0;
 }
 
 /// Offset of vCPU `index`'s control block.

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::gate::{GateVcpu, VcpuGate};
@@ -118,40 +118,11 @@ struct DeviceRound {
     mmio_written: u32,
 }
 
-fn segment(selector: u16, type_: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// Puts vCPU `index` at the start of the probe loop in flat 32-bit protected mode, with the
 /// private slot at `base`.
 pub fn reset(vcpu: &VcpuFd, index: usize, base: u64) -> Result<(), kvm_ioctls::Error> {
     let mut sregs: kvm_sregs = vcpu.get_sregs()?;
-    sregs.cs = segment(0x08, 0xb);
-    let data = segment(0x10, 0x3);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.gdt.base = base + guest::GDT;
-    sregs.gdt.limit = (std::mem::size_of::<[u64; 3]>() - 1) as u16;
-    sregs.cr0 = 0x11; // PE | ET; no paging
-    sregs.cr4 = 0;
-    sregs.efer = 0;
+    guest::flat_protected_mode(&mut sregs, base + guest::GDT);
     vcpu.set_sregs(&sregs)?;
     let regs = kvm_regs {
         rip: base + guest::CODE,
