@@ -468,6 +468,26 @@ fn a_forgotten_vcpu_on_a_thread_that_exited_never_hangs_a_quiesce() {
     );
 }
 
+#[test]
+fn running_a_vcpu_while_holding_the_quiesce_is_refused_not_a_hang() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let outcome = within(Duration::from_secs(30), "run while holding", || {
+        let (_vm, _u, mut fds, gate) = spin_vm(1);
+        let mut vcpu = GateVcpu::new(&gate, 0, fds.remove(0)).expect("register");
+        let held = gate.quiesce();
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = vcpu.run();
+        }));
+        drop(held);
+        // The gate is usable afterwards: the vCPU runs to its first exit.
+        let after = matches!(vcpu.run(), Ok(Some(VcpuExit::IoOut(0x10, _))));
+        (refused.is_err(), after)
+    });
+    assert_eq!(outcome, (true, true), "refused with a panic, then usable");
+}
+
 // 6 -------------------------------------------------------------------------------------------
 
 static VMM_HANDLER_CALLS: AtomicU64 = AtomicU64::new(0);

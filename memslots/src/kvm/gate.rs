@@ -448,6 +448,10 @@ impl VcpuTicket {
     /// Runs `enter` (the VMM's `KVM_RUN`) as a vCPU inside the gate: waits first while a quiesce
     /// holds entries out, clears the `immediate_exit` a gate kick set, and counts the vCPU inside
     /// until `enter` returns (or unwinds). `enter` may return `EINTR` when kicked.
+    ///
+    /// # Panics
+    ///
+    /// When called by the thread that holds a quiesce (it would wait for itself forever).
     pub fn run<R>(&mut self, enter: impl FnOnce() -> R) -> R {
         let (gate, e) = (&*self.gate, &*self.entry);
         e.tid.store(current_tid(), Ordering::SeqCst);
@@ -462,6 +466,10 @@ impl VcpuTicket {
             e.in_run.store(false, Ordering::SeqCst);
             let mut s = gate.lock();
             gate.left.notify_all();
+            assert!(
+                s.holder != Some(std::thread::current().id()),
+                "VcpuTicket::run called by the thread holding a quiesce: it would wait for itself"
+            );
             while gate.inhibited.load(Ordering::SeqCst) {
                 s = gate.released.wait(s).unwrap_or_else(|p| p.into_inner());
             }
