@@ -172,6 +172,8 @@ fn bench_json_has_the_contract_names_each_with_baseline_and_ratio() {
             want.push(format!("{what}_atomic_vs_qemu_{w}"));
             want.push(format!("{what}_atomic_vs_floor_{w}"));
         }
+        want.push(format!("blackout_guest_atomic_vs_qemu_{w}"));
+        want.push(format!("blackout_guest_1vcpu_atomic_vs_floor_{w}"));
     }
     for n in [1, 2, 4] {
         want.push(format!("kick_park_p50_{n}vcpu"));

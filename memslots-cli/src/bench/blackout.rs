@@ -55,6 +55,18 @@ impl Rig {
         })
     }
 
+    /// A running VM whose guest on vCPU 0 asks for each change, applied on that vCPU's thread.
+    fn guest(
+        kind: WorkloadKind,
+        vcpus: usize,
+        seed: u64,
+        strategy: Strategy,
+    ) -> Result<Self, Box<dyn Error>> {
+        let mut rig = Rig::workload(kind, vcpus, true, seed, strategy)?;
+        rig.trigger = Trigger::Guest;
+        Ok(rig)
+    }
+
     fn trace(
         trace: &memslots::trace::Trace,
         run: bool,
@@ -260,7 +272,8 @@ fn per_batch(
     Ok(out)
 }
 
-/// Blackout figures for the `pam`, `resize` and `bar` workloads.
+/// Blackout figures for the `pam`, `resize` and `bar` workloads: updates from a host thread,
+/// then guest-triggered ones (applied on the thread of the vCPU that asked).
 pub fn workloads(mode: Mode) -> Result<Vec<Figure>, Box<dyn Error>> {
     let updates = mode.pick(4, 60, 1000);
     let mut out = Vec::new();
@@ -274,7 +287,86 @@ pub fn workloads(mode: Mode) -> Result<Vec<Figure>, Box<dyn Error>> {
             Rig::workload(kind, 2, false, seed, Strategy::Atomic)?,
         )?);
     }
+    for kind in [WorkloadKind::Pam, WorkloadKind::Resize, WorkloadKind::Bar] {
+        out.extend(guest_triggered(kind, updates)?);
+    }
     Ok(out)
+}
+
+/// Guest-triggered blackout, median per batch: `atomic` against `qemu` with 2 vCPUs (in turns,
+/// the other VM's vCPUs parked); and `atomic` with 1 vCPU, which kicks nobody (its only vCPU is
+/// the one applying the change), against the floor (the same batches on a VM whose vCPUs never
+/// started), over the batches that held anyone.
+fn guest_triggered(kind: WorkloadKind, updates: usize) -> Result<Vec<Figure>, Box<dyn Error>> {
+    let seed = 7;
+    let mut atomic = Rig::guest(kind, 2, seed, Strategy::Atomic)?;
+    let mut qemu = Rig::guest(kind, 2, seed, Strategy::Qemu)?;
+    let (mut a, mut q) = (Vec::new(), Vec::new());
+    for round in 0..updates {
+        let (sa, sq) = if round % 2 == 0 {
+            let sa = measured(&mut atomic, &qemu)?;
+            (sa, measured(&mut qemu, &atomic)?)
+        } else {
+            let sq = measured(&mut qemu, &atomic)?;
+            (measured(&mut atomic, &qemu)?, sq)
+        };
+        a.push(blackout_us(&sa).unwrap_or(0.0));
+        q.push(blackout_us(&sq).unwrap_or(0.0));
+    }
+    drop((atomic, qemu));
+    let mut one = Rig::guest(kind, 1, seed, Strategy::Atomic)?;
+    let mut floor = Rig::workload(kind, 1, false, seed, Strategy::Atomic)?;
+    let (mut o, mut f) = (Vec::new(), Vec::new());
+    for round in 0..updates {
+        // Alternate who goes first, as everywhere in this bench.
+        let (so, sf) = if round % 2 == 0 {
+            let so = settled(&mut one)?;
+            (so, floor_step(&mut floor, &one)?)
+        } else {
+            let sf = floor_step(&mut floor, &one)?;
+            (settled(&mut one)?, sf)
+        };
+        o.push(blackout_us(&so).unwrap_or(0.0));
+        f.push(blackout_us(&sf).unwrap_or(0.0));
+    }
+    let name = kind.name();
+    let held = |xs: &mut Vec<f64>| {
+        xs.retain(|&x| x > 0.0);
+        held_median(xs)
+    };
+    Ok(vec![
+        Figure::new(
+            format!("blackout_guest_atomic_vs_qemu_{name}"),
+            "us",
+            held_median(&mut a),
+            format!("blackout_guest_qemu_{name}"),
+            held_median(&mut q),
+        ),
+        Figure::new(
+            format!("blackout_guest_1vcpu_atomic_vs_floor_{name}"),
+            "us",
+            held(&mut o),
+            format!("blackout_held_floor_1vcpu_{name}"),
+            held(&mut f),
+        ),
+    ])
+}
+
+/// One update, then time for the guest to run over the new layout.
+fn settled(rig: &mut Rig) -> Result<ApplyStats, Box<dyn Error>> {
+    let stats = rig.step()?;
+    std::thread::sleep(SETTLE);
+    Ok(stats)
+}
+
+/// One floor update with `running`'s vCPUs held out of the guest, as in [`per_batch`], so that
+/// no other guest competes with the floor's calls.
+fn floor_step(floor: &mut Rig, running: &Rig) -> Result<ApplyStats, Box<dyn Error>> {
+    let parked = running.vm().gate().quiesce();
+    let stats = floor.step();
+    drop(parked);
+    std::thread::sleep(SETTLE);
+    stats
 }
 
 /// The same figures for each committed trace: its commits, forward and back to the first, on
