@@ -68,8 +68,11 @@ impl KickTarget<'_> {
     }
 
     /// Sets the vCPU's `immediate_exit`, so that a `KVM_RUN` not yet started returns `EINTR` at
-    /// once. The gate clears it again before the vCPU's next entry (and only then: a value some
-    /// other component set is left alone).
+    /// once. The gate clears it again before the vCPU's next entry, and only after such a kick: a
+    /// value some other component set is left alone, except one set in the instant between the
+    /// gate's check and its clear (DESIGN.md, "The kick is the VMM's"). A VMM whose own signal
+    /// handler sets `immediate_exit` should therefore kick with its own [`Kick`] that does not
+    /// call this.
     pub fn set_immediate_exit(&self) {
         self.entry.immediate_exit().store(1, Ordering::SeqCst);
         self.entry.kicked.store(true, Ordering::SeqCst);

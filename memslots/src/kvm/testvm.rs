@@ -75,8 +75,9 @@ pub struct TestVmConfig {
     pub private_gpa: u64,
     /// Whether the guest makes its string and split device accesses each round.
     pub device: bool,
-    /// The old gate's bug, on purpose (see [`VcpuShared::drop_exits_on_quiesce`]): shows that
-    /// the device checks see a lost exit.
+    /// The old gate's bug, on purpose: while a quiesce holds, each MMIO/PIO exit is completed by
+    /// one `KVM_RUN` with `immediate_exit = 1` whose result is thrown away. Shows that the device
+    /// checks see a lost exit.
     pub drop_exits_on_quiesce: bool,
 }
 
