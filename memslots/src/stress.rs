@@ -211,6 +211,9 @@ pub enum StressError {
     /// Neither a count nor a duration.
     #[error("a stress run needs --updates or --duration")]
     Unbounded,
+    /// A harvest could not read a dirty bitmap.
+    #[error("harvesting dirty pages")]
+    DirtyLog(#[source] crate::kvm::DirtyLogError),
 }
 
 /// Why a change run on a vCPU thread failed, before it comes back to the caller.
@@ -283,12 +286,12 @@ impl DirtyCheck {
     }
 
     /// Harvests dirty pages from `vm` and checks them.
-    pub fn harvest(&mut self, vm: &mut TestVm) {
+    pub fn harvest(&mut self, vm: &mut TestVm) -> Result<(), StressError> {
         if self.ranges.is_empty() {
-            return;
+            return Ok(());
         }
         vm.with_vcpus_parked(|vm| {
-            let reported = vm.dirty_pages();
+            let reported = vm.dirty_pages().map_err(StressError::DirtyLog)?;
             self.reported += reported.len() as u64;
             let arena = vm.arena();
             let pages: Vec<u64> = self.pages().collect();
@@ -301,7 +304,8 @@ impl DirtyCheck {
                 self.snapshot.insert(page, now);
             }
             self.eligible = self.logging(&vm.layout());
-        });
+            Ok(())
+        })
     }
 }
 
@@ -492,7 +496,7 @@ pub fn run(
         }));
     }
     let mut dirty = DirtyCheck::new(run.workload().dirty_host_ranges());
-    dirty.harvest(run.vm_mut());
+    dirty.harvest(run.vm_mut())?;
 
     let started = Instant::now();
     let mut tally = Tally::new(run.vm());
@@ -507,7 +511,7 @@ pub fn run(
             Step::RolledBack(stats) => tally.record(&stats, false),
         }
         dirty.after_update(&run.vm().layout());
-        dirty.harvest(run.vm_mut());
+        dirty.harvest(run.vm_mut())?;
         progress(tally.updates, config.updates);
         // Let the guest run over the new layout before the next change.
         std::thread::sleep(Duration::from_micros(200));
@@ -911,7 +915,7 @@ pub fn replay(
         }));
     }
     let mut dirty = DirtyCheck::new(run.probe_host_ranges());
-    dirty.harvest(run.vm_mut());
+    dirty.harvest(run.vm_mut())?;
 
     let mut tally = Tally::new(run.vm());
     let total = run.steps_per_pass() as u64 * config.loops;
@@ -926,7 +930,7 @@ pub fn replay(
         }
         matches &= run.layout_matches();
         dirty.after_update(&run.vm().layout());
-        dirty.harvest(run.vm_mut());
+        dirty.harvest(run.vm_mut())?;
         progress(tally.updates, Some(total));
         // Let every vCPU make a full pass over its probes on this commit's layout.
         run.wait_for_pass();

@@ -91,3 +91,59 @@ fn a_slot_over_memory_the_library_does_not_own_is_refused_before_the_kernel() {
     assert_eq!(u.ioctls(), ioctls, "the kernel was never asked");
     assert!(u.layout().is_empty());
 }
+
+/// A VM in dirty-ring mode has no dirty bitmaps: every `KVM_GET_DIRTY_LOG` fails. The error
+/// reaches the caller, and a batch that would drop a logging slot's bitmap is not started.
+#[test]
+fn dirty_log_errors_reach_the_caller_and_stop_the_batch() {
+    let Ok(vm) = Vm::new() else {
+        eprintln!("SKIPPED: /dev/kvm cannot be used; this KVM test did not run");
+        return;
+    };
+    // KVM_CAP_DIRTY_LOG_RING, 64 KiB per vCPU, before any vCPU exists.
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
+        args: [64 << 10, 0, 0, 0],
+        ..Default::default()
+    };
+    if let Err(e) = vm.fd().enable_cap(&cap) {
+        eprintln!(
+            "SKIPPED: this kernel has no dirty ring ({e}); the dirty-log error test did not run"
+        );
+        return;
+    }
+    let mut u = SlotUpdater::new(
+        Arc::new(vm),
+        Arc::new(VcpuGate::with_signal(memslots::kvm::kick_signal()).expect("kick signal")),
+    );
+    let b = u.add_backing(Backing::anonymous("ram", 1 << 20).expect("ram"));
+    let logged = Slot {
+        id: SlotId::new(0),
+        gpa: 0x10_0000,
+        size: 1 << 20,
+        host: b.host(),
+        flags: SlotFlags::LOG_DIRTY_PAGES,
+    };
+    u.apply(&[logged.set_call()], Strategy::Atomic)
+        .expect("create");
+    let err = u.dirty_pages().expect_err("no bitmap to read in ring mode");
+    assert_eq!(err.slot, logged.id);
+    assert_ne!(err.errno, 0);
+    let layout = u.layout().clone();
+    match u.apply(&[logged.delete_call()], Strategy::Atomic) {
+        Err(ApplyError::DirtyLog(e)) => assert_eq!(e.slot, logged.id),
+        other => panic!("the delete must not run: {other:?}"),
+    }
+    assert_eq!(u.layout(), &layout, "nothing changed");
+    // The qemu strategy reads the bitmap just before the delete: the batch rolls back.
+    match u.apply(&[logged.delete_call()], Strategy::Qemu) {
+        Err(ApplyError::RolledBack { source, .. }) => {
+            assert!(
+                matches!(*source, SlotCallError::DirtyLog { .. }),
+                "{source}"
+            )
+        }
+        other => panic!("the delete must not run: {other:?}"),
+    }
+    assert_eq!(u.layout(), &layout, "nothing changed");
+}

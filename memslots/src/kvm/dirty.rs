@@ -2,9 +2,19 @@
 
 use std::collections::BTreeSet;
 
-use crate::model::{Slot, PAGE_SIZE};
+use crate::model::{Slot, SlotId, PAGE_SIZE};
 
 use super::vm::Vm;
+
+/// `KVM_GET_DIRTY_LOG` failed for a slot (for example with the VM in dirty-ring mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("KVM_GET_DIRTY_LOG of slot {slot} failed with errno {errno}")]
+pub struct DirtyLogError {
+    /// The slot.
+    pub slot: SlotId,
+    /// The errno.
+    pub errno: i32,
+}
 
 /// Dirty host pages collected from slots and not yet handed out.
 #[derive(Debug, Default)]
@@ -14,8 +24,13 @@ pub struct DirtyLog {
 
 impl DirtyLog {
     /// Reads (and so clears) `slot`'s bitmap from KVM and keeps its bits by host page.
-    pub fn collect(&mut self, vm: &Vm, slot: &Slot) -> Result<u64, i32> {
-        let bitmap = vm.dirty_log(slot.id.raw(), slot.size)?;
+    pub fn collect(&mut self, vm: &Vm, slot: &Slot) -> Result<u64, DirtyLogError> {
+        let bitmap = vm
+            .dirty_log(slot.id.raw(), slot.size)
+            .map_err(|errno| DirtyLogError {
+                slot: slot.id,
+                errno,
+            })?;
         let mut n = 0;
         for (w, word) in bitmap.iter().enumerate() {
             let mut bits = *word;
@@ -30,6 +45,13 @@ impl DirtyLog {
             }
         }
         Ok(n)
+    }
+
+    /// Marks every page of `slot` dirty: what a bitmap that cannot be read must count as, so
+    /// that no page is lost (a harvest may then report pages that were not written).
+    pub fn mark_all(&mut self, slot: &Slot) {
+        self.pages
+            .extend((0..slot.pages()).map(|p| slot.host + p * PAGE_SIZE));
     }
 
     /// Returns and clears the dirty host pages.

@@ -19,7 +19,7 @@ mod updater;
 mod vcpu;
 mod vm;
 
-pub use dirty::DirtyLog;
+pub use dirty::{DirtyLog, DirtyLogError};
 pub use gate::{
     GateVcpu, Kick, KickError, KickTarget, QuiesceTimes, Quiesced, SignalKick, VcpuGate, VcpuTicket,
 };

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::conformance::SplitMix64;
-use crate::model::{Applied, Layout, Rule, SlotCall};
+use crate::model::{Applied, Layout, Rule, SlotCall, SlotId};
 
 use super::memory::{Backing, HostMemory};
 use super::vm::Vm;
@@ -37,6 +37,17 @@ pub enum SlotCallError {
         errno: i32,
         /// Whether the failure was injected.
         injected: bool,
+    },
+    /// `KVM_GET_DIRTY_LOG` of a logging slot failed just before a call that would drop its
+    /// bitmap; that call was not made, so no dirty bit was lost.
+    #[error("reading the dirty log of slot {slot} failed with errno {errno}; {call} was not made")]
+    DirtyLog {
+        /// The call that would have dropped the bitmap.
+        call: SlotCall,
+        /// The logging slot.
+        slot: SlotId,
+        /// The errno.
+        errno: i32,
     },
 }
 

@@ -366,7 +366,7 @@ impl TestVm {
 
     /// Reads (and clears) the dirty bits of every logging slot, and returns and clears every
     /// dirty host page collected since the last call, whatever slot it was in then.
-    pub fn dirty_pages(&mut self) -> BTreeSet<u64> {
+    pub fn dirty_pages(&mut self) -> Result<BTreeSet<u64>, super::dirty::DirtyLogError> {
         self.updater().dirty_pages()
     }
 

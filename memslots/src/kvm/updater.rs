@@ -15,7 +15,7 @@ use crate::model::{
     Applied, BatchError, Change, Layout, Primitive, PrimitiveError, Slot, SlotCall,
 };
 
-use super::dirty::DirtyLog;
+use super::dirty::{DirtyLog, DirtyLogError};
 use super::gate::{QuiesceTimes, VcpuGate};
 use super::memory::{Backing, HostMemory};
 use super::slots::{FaultInjector, SlotCallError, SlotTable};
@@ -79,6 +79,10 @@ pub enum ApplyError {
         /// What the attempt and the rollback cost.
         stats: Box<ApplyStats>,
     },
+    /// A dirty bitmap the batch would drop could not be read (first collection, vCPUs running):
+    /// no call was made.
+    #[error("the batch was not started")]
+    DirtyLog(#[source] DirtyLogError),
     /// Undoing a failed batch failed too: the layout is the model's, but not the old one.
     #[error("rolling back after call {index} failed")]
     RollbackFailed {
@@ -193,8 +197,12 @@ impl SlotUpdater {
     }
 
     /// Reads (and clears) the dirty bits of every logging slot, and returns and clears every
-    /// dirty host page collected since the last call, whatever slot it was in then.
-    pub fn dirty_pages(&mut self) -> BTreeSet<u64> {
+    /// dirty host page collected since the last call, whatever slot it was in then. The VMM must
+    /// not call `KVM_GET_DIRTY_LOG` itself: the bits it read would be gone from here.
+    ///
+    /// On an error (the VM in dirty-ring mode, say) nothing is handed out: the bits already read
+    /// are kept for the next call.
+    pub fn dirty_pages(&mut self) -> Result<BTreeSet<u64>, DirtyLogError> {
         let logging: Vec<Slot> = self
             .layout()
             .slots()
@@ -202,10 +210,9 @@ impl SlotUpdater {
             .copied()
             .collect();
         for slot in &logging {
-            // A slot the layout has logs dirty pages in the kernel too: this cannot fail.
-            let _ = self.dirty.collect(&self.vm, slot);
+            self.dirty.collect(&self.vm, slot)?;
         }
-        self.dirty.take()
+        Ok(self.dirty.take())
     }
 
     /// Lowers a model primitive to raw calls and applies them with `strategy`.
@@ -311,11 +318,14 @@ impl SlotUpdater {
             Strategy::Qemu if crate::planner::replay::qemu_inhibits(&done) => 0..calls.len(),
             _ => 0..0,
         };
-        // Atomic: a first collection with vCPUs running keeps the one inside the hold short.
+        // Atomic: a first collection with vCPUs running keeps the one inside the hold short. A
+        // bitmap that cannot be read stops the batch before its first call.
         if strategy == Strategy::Atomic {
             for a in done.iter().filter(|a| loses_dirty_bits(a)) {
                 let slot = a.before.expect("a change that loses bits has an old slot");
-                let _ = self.dirty.collect(&self.vm, &slot);
+                self.dirty
+                    .collect(&self.vm, &slot)
+                    .map_err(ApplyError::DirtyLog)?;
             }
         }
         // Device views, built before any vCPU is held out: the layout at the window's end (if
@@ -387,12 +397,20 @@ impl SlotUpdater {
             if i == window.start && !window.is_empty() {
                 held = Some(gate.quiesce());
             }
-            if strategy != Strategy::Naive && loses_dirty_bits(&preview[i]) {
-                let slot = preview[i].before.expect("has an old slot");
-                let _ = self.dirty.collect(&self.vm, &slot);
-            }
             let ioctls = self.slots.ioctls();
-            let result = self.slots.call(&self.memory, call);
+            // The last read of a bitmap the call drops; if it fails, the call is not made and
+            // the batch rolls back like a failed call.
+            let unread = (strategy != Strategy::Naive && loses_dirty_bits(&preview[i]))
+                .then(|| preview[i].before.expect("has an old slot"))
+                .and_then(|slot| self.dirty.collect(&self.vm, &slot).err());
+            let result = match unread {
+                Some(e) => Err(SlotCallError::DirtyLog {
+                    call: *call,
+                    slot: e.slot,
+                    errno: e.errno,
+                }),
+                None => self.slots.call(&self.memory, call),
+            };
             if held.is_some() {
                 quiesced_ioctls += self.slots.ioctls() - ioctls;
             }
@@ -402,8 +420,12 @@ impl SlotUpdater {
                     // Undo with vCPUs held out, so the rollback opens no visible hole either.
                     let hold = held.take().unwrap_or_else(|| gate.quiesce());
                     for a in done.iter().rev() {
-                        if a.after.is_some_and(|s| s.flags.log_dirty()) {
-                            let _ = self.dirty.collect(&self.vm, &a.after.expect("checked"));
+                        if let Some(made) = a.after.filter(|s| s.flags.log_dirty()) {
+                            // The rollback cannot stop: a bitmap it cannot read counts as all
+                            // dirty, so no page is lost.
+                            if self.dirty.collect(&self.vm, &made).is_err() {
+                                self.dirty.mark_all(&made);
+                            }
                         }
                         let undo = inverse(a);
                         let before = self.slots.ioctls();
