@@ -319,10 +319,14 @@ impl SlotUpdater {
             _ => 0..0,
         };
         // Atomic: a first collection with vCPUs running keeps the one inside the hold short. A
-        // bitmap that cannot be read stops the batch before its first call.
+        // bitmap that cannot be read stops the batch before its first call. Only slots that exist
+        // now: one an earlier call of the batch creates is read just before the call that drops it.
         if strategy == Strategy::Atomic {
             for a in done.iter().filter(|a| loses_dirty_bits(a)) {
                 let slot = a.before.expect("a change that loses bits has an old slot");
+                if before.slot(slot.id) != Some(&slot) {
+                    continue;
+                }
                 self.dirty
                     .collect(&self.vm, &slot)
                     .map_err(ApplyError::DirtyLog)?;

@@ -70,6 +70,9 @@ struct Shared {
     /// Readers must park (QEMU's inhibit).
     hold: AtomicBool,
     parked: AtomicUsize,
+    /// Readers that have made their first access: the writer starts once all have, so that a
+    /// short run on a loaded machine is not over before any reader ran.
+    ready: AtomicUsize,
     /// Per ring entry, per probe: expected host before and after the batch.
     expect: Vec<Vec<(AtomicU64, AtomicU64)>>,
     accesses: AtomicU64,
@@ -117,6 +120,9 @@ fn read_loop(mut reader: super::Reader, shared: &Shared, probes: &[(u16, u64)], 
         fence(Ordering::SeqCst);
         let s2 = shared.seq.load(Ordering::Acquire);
         accesses += 1;
+        if accesses == 1 {
+            shared.ready.fetch_add(1, Ordering::AcqRel);
+        }
         if accesses % 4096 == 0 {
             // Readers outnumber cores on small machines; let the writer run (a vCPU thread is
             // preempted at ticks the same way).
@@ -209,6 +215,7 @@ pub fn run(
         seq: AtomicU64::new(0),
         hold: AtomicBool::new(false),
         parked: AtomicUsize::new(0),
+        ready: AtomicUsize::new(0),
         expect: (0..RING)
             .map(|_| {
                 probes
@@ -246,6 +253,10 @@ pub fn run(
             let (shared, probes) = (&shared, &probes);
             let start = r * probes.len() / config.vcpus;
             scope.spawn(move || read_loop(reader, shared, probes, start));
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while shared.ready.load(Ordering::Acquire) < config.vcpus && Instant::now() < deadline {
+            std::thread::yield_now();
         }
         let started = Instant::now();
         let mut k = 0u64;
