@@ -22,9 +22,39 @@ pub struct Args {
     /// Predict the calls of a QEMU trace instead (no KVM needed).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// With --trace: the kernel the trace is judged against, `host` (limits read from /dev/kvm:
+    /// for calls recorded on this machine) or `x86-64` (x86-64's defaults: two address spaces,
+    /// 32,764 slots, 52-bit guest frames).
+    #[arg(long, value_enum, requires = "trace")]
+    limits: Option<LimitsArg>,
     /// Print the report as JSON on the last line of stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// `--limits`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LimitsArg {
+    /// Read from this machine's `/dev/kvm`.
+    Host,
+    /// x86-64's defaults.
+    X86_64,
+}
+
+/// The limits a trace is judged against.
+fn limits(arg: Option<LimitsArg>) -> Result<Limits, Box<dyn Error>> {
+    match arg.unwrap_or(LimitsArg::X86_64) {
+        LimitsArg::X86_64 => Ok(Limits::default()),
+        LimitsArg::Host => memslots::kvm::Vm::new()
+            .map(|vm| *vm.limits())
+            .map_err(|e| {
+                format!(
+                    "{}; --limits host reads them from /dev/kvm (--limits x86-64 does not)",
+                    crate::output::chain(&e)
+                )
+                .into()
+            }),
+    }
 }
 
 /// Runs the subcommand.
@@ -32,7 +62,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let report = match &args.trace {
         Some(path) => {
             let trace = Trace::from_file(path)?;
-            let report = run_trace(&trace, Limits::default());
+            let report = run_trace(&trace, limits(args.limits)?);
             println!(
                 "trace {}: {} calls, model predicted every result: {}",
                 path.display(),

@@ -108,3 +108,47 @@ fn the_maximum_guest_frame_is_predicted() {
     assert_eq!(json["mismatches"], 0);
     assert_eq!(json["rejected"], 1);
 }
+
+#[test]
+fn a_trace_recorded_on_this_host_is_judged_by_its_limits() {
+    if !kvm_usable("conformance --limits host") {
+        return;
+    }
+    let spaces = memslots::kvm::Vm::new()
+        .expect("a VM")
+        .limits()
+        .address_spaces;
+    // An address-space-1 call as this kernel answered it: refused (EINVAL) with one space.
+    let ret = if spaces > 1 { "0" } else { "-22" };
+    let path = temp(
+        "as1.log",
+        &format!(
+            "kvm_set_user_memory Slot#0 flags=0x0 gpa=0x0 size=0x100000 ua=0x7f0000000000 ret=0\n\
+             kvm_set_user_memory Slot#65536 flags=0x0 gpa=0x0 size=0x100000 ua=0x7f0000000000 ret={ret}\n"
+        ),
+    );
+    let run = |limits: &str| {
+        let out = memslots(&[
+            "conformance",
+            "--trace",
+            path.to_str().unwrap(),
+            "--limits",
+            limits,
+            "--json",
+        ]);
+        (out.status.code(), last_json(&out)["mismatches"].clone())
+    };
+    assert_eq!(run("host"), (Some(0), 0.into()));
+    // x86-64's two address spaces accept the call: a mismatch where this kernel has one.
+    let want = if spaces > 1 {
+        (Some(0), 0.into())
+    } else {
+        (Some(1), 1.into())
+    };
+    assert_eq!(run("x86-64"), want);
+    // --limits belongs to --trace.
+    assert_eq!(
+        memslots(&["conformance", "--limits", "host"]).status.code(),
+        Some(2)
+    );
+}
