@@ -172,6 +172,12 @@ fn run_trace(path: &Path, policy: &CutPolicy, args: &Args) -> Result<ExitCode, B
         totals.qemu,
     );
     if let Some(svg) = &args.svg {
+        svg_fits(
+            run.commits.len(),
+            run.commits
+                .iter()
+                .map(|c| c.before.len() + c.commit.target.len() + c.plan.calls.len()),
+        )?;
         let titles: Vec<String> = run
             .commits
             .iter()
@@ -272,6 +278,26 @@ fn run_maps(
         json_line(&Report::new(&[&plan], totals))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Most commits `--svg` draws: one frame each (a 1,000-commit trace drew 1 GB).
+const SVG_MAX_FRAMES: usize = 200;
+/// Most regions and calls `--svg` draws over all frames.
+const SVG_MAX_ITEMS: usize = 100_000;
+
+/// Refuses, with a clear error, an SVG of `frames` frames drawing `items` (regions before and
+/// after, and calls, per frame) past the bounds, before anything is rendered.
+fn svg_fits(frames: usize, items: impl Iterator<Item = usize>) -> Result<(), Box<dyn Error>> {
+    let items: usize = items.sum();
+    if frames > SVG_MAX_FRAMES || items > SVG_MAX_ITEMS {
+        return Err(format!(
+            "--svg: the trace is too large to draw ({frames} commits, {items} regions and calls; \
+             at most {SVG_MAX_FRAMES} commits and {SVG_MAX_ITEMS} regions and calls); \
+             plan a shorter trace or two maps with --from/--to"
+        )
+        .into());
+    }
+    Ok(())
 }
 
 fn write_svg(path: &Path, svg: &str) -> Result<(), Box<dyn Error>> {

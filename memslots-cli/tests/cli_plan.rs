@@ -251,3 +251,45 @@ fn ops_that_drop_a_dirty_bitmap_say_so() {
         assert_eq!(op["drops_dirty_bitmap"], true, "{op}");
     }
 }
+
+/// A trace of `commits` commits made in code: slot 1 (one page) deleted and created again at
+/// another GPA in each.
+fn long_trace(commits: usize) -> String {
+    let line = |slot: u32, gpa: u64, size: u64| {
+        format!(
+            "kvm_set_user_memory Slot#{slot} flags=0x0 gpa={gpa:#x} size={size:#x} ua={:#x} ret=0\n",
+            0x7f00_0000_0000_u64 + gpa
+        )
+    };
+    let mut text = line(0, 0, 0x10_0000);
+    text += &line(1, 0x10_0000, 0x1000);
+    for i in 1..commits {
+        let gpa = 0x10_0000 + (i as u64 % 2) * 0x1000;
+        let old = 0x10_0000 + ((i as u64 + 1) % 2) * 0x1000;
+        text += &line(1, old, 0);
+        text += &line(1, gpa, 0x1000);
+    }
+    text
+}
+
+#[test]
+fn svg_of_a_trace_too_large_to_draw_is_refused() {
+    let svg = temp("long.svg", "");
+    let _ = std::fs::remove_file(&*svg);
+    let t = temp("long-trace.log", &long_trace(1_000));
+    let out = memslots(&["plan", t.to_str().unwrap(), "--svg", svg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("too large to draw") && err.contains("1000 commits"),
+        "{err}"
+    );
+    assert!(!svg.exists(), "nothing is written");
+    // The same trace without --svg plans, and a short one still draws.
+    let out = memslots(&["plan", t.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t = temp("short-trace.log", &long_trace(10));
+    let out = memslots(&["plan", t.to_str().unwrap(), "--svg", svg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read_to_string(&*svg).unwrap().starts_with("<svg"));
+}

@@ -3,7 +3,9 @@
 
 mod support;
 
-use support::{assert_no_problems, kvm_usable, last_json, memslots, trace, REPORT_FIELDS};
+use support::{
+    assert_no_problems, kvm_usable, last_json, memslots, trace, REPLAY_KVM_FIELDS, REPORT_FIELDS,
+};
 
 #[test]
 fn stress_json_has_the_contract_fields_and_atomic_is_clean() {
@@ -19,6 +21,9 @@ fn stress_json_has_the_contract_fields_and_atomic_is_clean() {
     let j = last_json(&out);
     for f in REPORT_FIELDS {
         assert!(j.get(f).is_some(), "missing {f}: {j}");
+    }
+    for f in REPLAY_KVM_FIELDS {
+        assert!(j.get(f).is_none(), "stress has replay's {f}: {j}");
     }
     for f in ["p50", "p99", "max", "total"] {
         assert!(j["blackout_us"][f].is_number(), "blackout_us.{f}");
@@ -96,11 +101,20 @@ fn replay_json_and_layout_matches() {
         String::from_utf8_lossy(&out.stdout)
     );
     let j = last_json(&out);
-    for f in REPORT_FIELDS {
+    for f in REPORT_FIELDS.iter().chain(&REPLAY_KVM_FIELDS) {
         assert!(j.get(f).is_some(), "missing {f}");
     }
     assert_eq!(j["layout_matches"], true);
     assert_eq!(j["spurious_exits"], 0);
+    // What the probes cover: pc-512m-std's QEMU calls delete the RAM slot, so some hole bytes
+    // are under a probe, and no more than the probes cover.
+    let probed = j["probed_bytes"].as_u64().expect("probed_bytes");
+    let holes = j["hole_bytes"].as_u64().expect("hole_bytes");
+    let in_holes = j["hole_bytes_probed"].as_u64().expect("hole_bytes_probed");
+    assert!(
+        in_holes > 0 && in_holes <= probed && in_holes <= holes,
+        "{j}"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::conformance::SplitMix64;
-use crate::kvm::{ApplyError, FaultInjector, SlotUpdater, Strategy, TestVm, TestVmConfig};
+use crate::kvm::{ApplyError, FaultInjector, Probe, SlotUpdater, Strategy, TestVm, TestVmConfig};
 use crate::model::{Layout, SlotCall, PAGE_SIZE};
 use crate::planner::MemoryMap;
 use crate::workload::{Arena, Workload, WorkloadKind};
@@ -94,6 +94,16 @@ pub struct StressReport {
     pub update_us: Micros,
     /// Replay only: whether every commit ended in the trace's mapping.
     pub layout_matches: Option<bool>,
+    /// Replay on KVM only: bytes of guest-physical space under a probe page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probed_bytes: Option<u64>,
+    /// Replay on KVM only: bytes QEMU's calls leave unmapped (or mapped elsewhere) between two
+    /// calls of one commit, over a pass through the trace and back (address space 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hole_bytes: Option<u64>,
+    /// Replay on KVM only: of `hole_bytes`, the bytes under a probe page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hole_bytes_probed: Option<u64>,
     /// Peak resident memory of the process (KiB) once the guest runs.
     pub rss_kib_start: u64,
     /// Peak resident memory of the process (KiB) at the end: flat on a soak.
@@ -185,6 +195,9 @@ impl Tally {
             blackout_us: self.blackout.micros(true),
             update_us: self.update_us.micros(false),
             layout_matches,
+            probed_bytes: None,
+            hole_bytes: None,
+            hole_bytes_probed: None,
             rss_kib_start: self.rss_kib_start,
             rss_kib_end: peak_rss_kib(),
             kick_to_parked_us: self.kick.micros(false),
@@ -644,12 +657,246 @@ impl Commit {
     }
 }
 
-/// The mapping each target has at `gpa` (address space 0): host, if mapped.
-fn host_at(map: &crate::planner::MemoryMap, gpa: u64) -> Option<u64> {
-    map.regions()
+/// Sorted, disjoint `[start, end)` ranges covering the same bytes as `ranges`.
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|r| r.0 < r.1);
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Bytes of `[start, end)` inside the sorted, disjoint `ranges`.
+fn overlap(ranges: &[(u64, u64)], start: u64, end: u64) -> u64 {
+    let first = ranges.partition_point(|r| r.1 <= start);
+    ranges[first..]
         .iter()
-        .find(|r| r.address_space == 0 && r.gpa <= gpa && gpa < r.end())
-        .map(|r| r.host_of(gpa))
+        .take_while(|r| r.0 < end)
+        .map(|r| r.1.min(end) - r.0.max(start))
+        .sum()
+}
+
+/// What QEMU's own calls do in address space 0 over one pass of a replay: forward through the
+/// trace's commits, then its listener's calls back to commit 0 (what `qemu` and `naive` make).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QemuPass {
+    /// Ranges some call removes, re-slots or creates: the old and the new slot of every call
+    /// (sorted, disjoint).
+    pub touched: Vec<(u64, u64)>,
+    /// Ranges left unmapped, or mapped elsewhere, between two calls of one commit
+    /// ([`Layout::holes`]; sorted, disjoint).
+    pub holes: Vec<(u64, u64)>,
+}
+
+impl QemuPass {
+    /// The pass of QEMU's accepted `calls` per commit, from the empty layout; `first` is the
+    /// layout after commit 0.
+    fn of(calls: &[Vec<SlotCall>], first: &Layout) -> Self {
+        let mut touched = Vec::new();
+        let mut holes = Vec::new();
+        let mut layout = first.clone();
+        let back = |l: &Layout| crate::kvm::qemu_batch(l, first);
+        let mut batches: Vec<Vec<SlotCall>> = Vec::new();
+        for c in calls.iter().skip(1) {
+            batches.push(c.clone());
+        }
+        for i in 0..=batches.len() {
+            let batch = if i < batches.len() {
+                batches[i].clone()
+            } else {
+                back(&layout)
+            };
+            // QEMU's accepted calls, and its listener's way back, are valid on this layout: the
+            // replay applies them to the VM from the same one.
+            let Ok(report) = layout.holes(&batch) else {
+                continue;
+            };
+            holes.extend(
+                report
+                    .holes
+                    .iter()
+                    .filter(|h| h.range.address_space == 0)
+                    .map(|h| (h.range.start, h.range.end)),
+            );
+            let Ok(done) = layout.apply_batch(&batch) else {
+                continue;
+            };
+            for a in &done {
+                for s in a.before.iter().chain(a.after.iter()) {
+                    if s.id.address_space == 0 {
+                        touched.push((s.gpa, s.gpa + s.size));
+                    }
+                }
+            }
+        }
+        QemuPass {
+            touched: merged(touched),
+            holes: merged(holes),
+        }
+    }
+}
+
+/// Each commit's address-space-0 mapping, for finding what is behind a GPA across the trace.
+struct Mappings(Vec<Vec<(u64, u64, u64)>>);
+
+impl Mappings {
+    fn new(targets: &[MemoryMap]) -> Self {
+        Mappings(
+            targets
+                .iter()
+                .map(|m| {
+                    let mut v: Vec<(u64, u64, u64)> = m
+                        .regions()
+                        .iter()
+                        .filter(|r| r.address_space == 0)
+                        .map(|r| (r.gpa, r.end(), r.host))
+                        .collect();
+                    v.sort_unstable();
+                    v
+                })
+                .collect(),
+        )
+    }
+
+    /// QEMU's host address behind `gpa` across the commits: `None` when no commit maps it,
+    /// `Some(Some(h))` when every commit that maps it maps it to `h`, `Some(None)` when they
+    /// differ.
+    fn host(&self, gpa: u64) -> Option<Option<u64>> {
+        let mut seen: Option<Option<u64>> = None;
+        for regions in &self.0 {
+            let i = regions.partition_point(|r| r.1 <= gpa);
+            if let Some(&(start, _, host)) = regions.get(i).filter(|r| r.0 <= gpa) {
+                let h = host + (gpa - start);
+                seen = match seen {
+                    None => Some(Some(h)),
+                    Some(Some(old)) if old == h => Some(Some(h)),
+                    Some(_) => Some(None),
+                };
+            }
+        }
+        seen
+    }
+}
+
+/// The replay's probes: every range a hole of QEMU's calls covers gets some (about half the
+/// probes, spread in proportion to the bytes), every other range a call touches at least one,
+/// then the first MiB (where firmware re-slots) and one page per 2 MiB below 4 GiB, up to
+/// [`ctl::MAX_PROBES`](crate::kvm::guest::ctl::MAX_PROBES). A page every commit maps to one host
+/// page (or leaves unmapped) is read, checked and written; a page commits map to different host
+/// pages is only read (an MMIO answer there is still judged).
+fn choose_probes(
+    mappings: &Mappings,
+    hosts: &HostLayout,
+    arena: u64,
+    window: u64,
+    pass: &QemuPass,
+) -> Vec<Probe> {
+    const LIMIT: u64 = 0x1_0000_0000;
+    let max = crate::kvm::guest::ctl::MAX_PROBES;
+    let private = window..window + crate::kvm::guest::PRIVATE_SIZE;
+    let probe_at = |gpa: u64| -> Option<Probe> {
+        if gpa >= LIMIT - PAGE_SIZE || private.contains(&gpa) {
+            return None;
+        }
+        match mappings.host(gpa)? {
+            Some(h) => Some(
+                hosts
+                    .to_arena(arena, h)
+                    .map_or(Probe::read_only(gpa), |ours| Probe::checked(gpa, ours)),
+            ),
+            None => Some(Probe::read_only(gpa)),
+        }
+    };
+    let mut chosen: BTreeMap<u64, Probe> = BTreeMap::new();
+    let take = |chosen: &mut BTreeMap<u64, Probe>, gpa: u64| -> bool {
+        if chosen.len() >= max || chosen.contains_key(&gpa) {
+            return chosen.contains_key(&gpa);
+        }
+        match probe_at(gpa) {
+            Some(p) => {
+                chosen.insert(gpa, p);
+                true
+            }
+            None => false,
+        }
+    };
+    // `budget` probes over `ranges` (below 4 GiB), in proportion to their bytes, at least one
+    // each where any page of the range can be probed.
+    let spread = |chosen: &mut BTreeMap<u64, Probe>, ranges: &[(u64, u64)], budget: u64| {
+        let ranges: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|r| r.0 < LIMIT)
+            .map(|&(s, e)| {
+                (
+                    s & !(PAGE_SIZE - 1),
+                    e.min(LIMIT).div_ceil(PAGE_SIZE) * PAGE_SIZE,
+                )
+            })
+            .collect();
+        let total: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
+        for &(s, e) in &ranges {
+            let pages = (e - s) / PAGE_SIZE;
+            let n = (u128::from(budget) * u128::from(e - s) / u128::from(total.max(1))) as u64;
+            let n = n.clamp(1, pages);
+            let mut hit = false;
+            for i in 0..n {
+                let gpa = s + (i * pages / n) * PAGE_SIZE;
+                hit |= take(chosen, gpa);
+            }
+            // Nothing probeable where the spread fell: the first page that is.
+            if !hit {
+                (s..e)
+                    .step_by(PAGE_SIZE as usize)
+                    .take(4096)
+                    .any(|gpa| take(chosen, gpa));
+            }
+        }
+    };
+    spread(&mut chosen, &pass.holes, max as u64 / 2);
+    let others: Vec<(u64, u64)> = pass
+        .touched
+        .iter()
+        .filter(|r| overlap(&pass.holes, r.0, r.1) < r.1 - r.0)
+        .copied()
+        .collect();
+    spread(&mut chosen, &others, max as u64 / 4);
+    for gpa in (0..0x10_0000)
+        .step_by(PAGE_SIZE as usize)
+        .chain((0x10_0000..LIMIT).step_by(0x20_0000))
+    {
+        take(&mut chosen, gpa);
+    }
+    chosen.into_values().collect()
+}
+
+/// What a replay's probes cover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Bytes of guest-physical space under a probe page.
+    pub probed_bytes: u64,
+    /// Bytes in a hole of QEMU's calls ([`QemuPass::holes`]).
+    pub hole_bytes: u64,
+    /// Of those, the bytes under a probe page.
+    pub hole_bytes_probed: u64,
+}
+
+impl Coverage {
+    fn of(probes: &[Probe], holes: &[(u64, u64)]) -> Self {
+        let pages: BTreeSet<u64> = probes.iter().map(|p| p.gpa & !(PAGE_SIZE - 1)).collect();
+        Coverage {
+            probed_bytes: pages.len() as u64 * PAGE_SIZE,
+            hole_bytes: holes.iter().map(|r| r.1 - r.0).sum(),
+            hole_bytes_probed: pages
+                .iter()
+                .map(|&p| overlap(holes, p, p + PAGE_SIZE))
+                .sum(),
+        }
+    }
 }
 
 /// Waits (at most a second) until the guest has completed `rounds` rounds in all.
@@ -681,7 +928,9 @@ pub struct TraceVm {
     first_layout: Layout,
     hosts: std::sync::Arc<HostLayout>,
     arena: u64,
-    probes: Vec<(u64, u64)>,
+    probes: Vec<Probe>,
+    /// What the probes cover.
+    coverage: Coverage,
     /// The VM's slots in QEMU's host addresses.
     shadow: Layout,
     /// The commit the VM is at.
@@ -744,33 +993,10 @@ impl TraceVm {
         .map_err(StressError::from)?;
         let arena = vm.arena_host();
 
-        // Probes: pages below 4 GiB that every commit maps to the same host page, or leaves
-        // unmapped (their expected values stay true); the first MiB (where firmware re-slots)
-        // first.
-        let max_cells = crate::kvm::guest::ctl::MAX_CELLS as u64;
-        let mut candidates: Vec<u64> = (0..0x10_0000).step_by(PAGE_SIZE as usize).collect();
-        candidates.extend((0x10_0000..0xffff_f000_u64).step_by(0x20_0000));
-        let mut probes = Vec::new();
-        for gpa in candidates {
-            if (window..window + crate::kvm::guest::PRIVATE_SIZE).contains(&gpa) {
-                continue;
-            }
-            let mut seen: Option<u64> = None;
-            let mut constant = true;
-            for t in &targets {
-                if let Some(h) = host_at(t, gpa) {
-                    constant &= seen.is_none_or(|s| s == h);
-                    seen = Some(h);
-                }
-            }
-            let ours = seen.and_then(|h| hosts.to_arena(arena, h));
-            if let (true, Some(ours)) = (constant, ours) {
-                if (ours - arena) / PAGE_SIZE < max_cells {
-                    probes.push((gpa, ours));
-                }
-            }
-        }
-        probes.truncate(crate::kvm::guest::ctl::MAX_PROBES);
+        let pass = QemuPass::of(&calls, &first_layout);
+        let mappings = Mappings::new(&targets);
+        let probes = choose_probes(&mappings, &hosts, arena, window, &pass);
+        let coverage = Coverage::of(&probes, &pass.holes);
 
         let mut me = TraceVm {
             vm,
@@ -783,6 +1009,7 @@ impl TraceVm {
             hosts,
             arena,
             probes,
+            coverage,
             shadow: Layout::new(limits),
             at: 0,
         };
@@ -817,7 +1044,7 @@ impl TraceVm {
 
     /// Starts the vCPUs on the probes and waits until each has made a pass over them.
     pub fn start(&mut self) -> Result<(), StressError> {
-        self.vm.start(&self.probes, None)?;
+        self.vm.start_probes(&self.probes, None)?;
         self.started = true;
         self.wait_for_pass();
         Ok(())
@@ -880,12 +1107,20 @@ impl TraceVm {
         MemoryMap::from_layout(&seen) == self.targets[self.at]
     }
 
-    /// The probes' host pages, for a [`DirtyCheck`].
+    /// The checked probes' host pages (each once), for a [`DirtyCheck`].
     pub fn probe_host_ranges(&self) -> Vec<(u64, u64)> {
-        self.probes
-            .iter()
-            .map(|&(_, h)| (h, h + PAGE_SIZE))
-            .collect()
+        let pages: BTreeSet<u64> = self.probes.iter().filter_map(|p| p.host).collect();
+        pages.into_iter().map(|h| (h, h + PAGE_SIZE)).collect()
+    }
+
+    /// The pages the guest probes.
+    pub fn probes(&self) -> &[Probe] {
+        &self.probes
+    }
+
+    /// What the probes cover of guest-physical space and of QEMU's holes.
+    pub fn coverage(&self) -> Coverage {
+        self.coverage
     }
 
     /// The VM.
@@ -935,7 +1170,7 @@ pub fn replay(
         // Let every vCPU make a full pass over its probes on this commit's layout.
         run.wait_for_pass();
     }
-    Ok(tally.report(
+    let mut report = tally.report(
         run.vm(),
         config.strategy,
         config.trigger,
@@ -943,5 +1178,10 @@ pub fn replay(
         config.vcpus,
         dirty.lost,
         Some(matches),
-    ))
+    );
+    let coverage = run.coverage();
+    report.probed_bytes = Some(coverage.probed_bytes);
+    report.hole_bytes = Some(coverage.hole_bytes);
+    report.hole_bytes_probed = Some(coverage.hole_bytes_probed);
+    Ok(report)
 }

@@ -6,14 +6,18 @@ use memslots::planner::{CutPolicy, MemoryMap};
 use memslots::trace::Trace;
 
 mod support;
-use support::{smm_traces, traces};
+use support::{dirty_log_traces, smm_traces, traces};
 
 #[test]
 fn every_trace_meets_the_floors() {
     let mut failures = Vec::new();
     let all = traces();
     assert!(!all.is_empty(), "no traces");
-    for path in all.into_iter().chain(smm_traces()) {
+    for path in all
+        .into_iter()
+        .chain(smm_traces())
+        .chain(dirty_log_traces())
+    {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let trace = Trace::from_file(&path).unwrap();
         let run = replay(&trace, Limits::default(), &CutPolicy::default())

@@ -5,7 +5,7 @@ use memslots::model::Limits;
 use memslots::trace::Trace;
 
 mod support;
-use support::{smm_traces, traces};
+use support::{dirty_log_traces, smm_traces, traces};
 
 #[test]
 fn every_trace_is_predicted() {
@@ -14,7 +14,11 @@ fn every_trace_is_predicted() {
         all.len() >= 8,
         "expected the captured traces, found {all:?}"
     );
-    for path in all.into_iter().chain(smm_traces()) {
+    for path in all
+        .into_iter()
+        .chain(smm_traces())
+        .chain(dirty_log_traces())
+    {
         let trace = Trace::from_file(&path).expect("parses");
         assert!(!trace.calls.is_empty(), "{}", path.display());
         let report = run_trace(&trace, Limits::default());

@@ -95,6 +95,10 @@ pub const REPORT_FIELDS: [&str; 18] = [
     "rss_kib_end",
 ];
 
+/// The fields `replay --backend kvm` adds to [`REPORT_FIELDS`] (issue 17, item 9): what the
+/// guest's probes cover. `stress` has none of them.
+pub const REPLAY_KVM_FIELDS: [&str; 3] = ["probed_bytes", "hole_bytes", "hole_bytes_probed"];
+
 /// [`REPORT_FIELDS`] as a set.
 /// The report's problem counters, which a clean run keeps at 0.
 pub const DETECTORS: [&str; 4] = [

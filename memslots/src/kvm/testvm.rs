@@ -321,25 +321,22 @@ impl TestVm {
         }
         let arena = self.arena.clone();
         for &Probe { gpa, host } in probes {
-            let cell_ok = host.is_none_or(|host| {
-                arena.holds(host, guest::MAX_VCPUS as u64 * 4)
-                    && (host - arena.host()) / 4096 < ctl::MAX_CELLS as u64
-            });
-            if !cell_ok || gpa > u64::from(u32::MAX) - guest::MAX_VCPUS as u64 * 4 {
+            let host_ok = host.is_none_or(|host| arena.holds(host, guest::MAX_VCPUS as u64 * 4));
+            if !host_ok || gpa > u64::from(u32::MAX) - guest::MAX_VCPUS as u64 * 4 {
                 return Err(TestVmError::Config(format!(
                     "probe {gpa:#x} -> {host:x?} is outside the arena"
                 )));
             }
         }
+        let cells = probe_cells(probes);
         if let Some((_, host)) = exec {
             arena.write_bytes(host, &guest::exec_function());
         }
         for index in 0..self.vcpus.len() {
             let base = self.private.host() + guest::ctl_offset(index);
-            for (i, &Probe { gpa, host }) in probes.iter().enumerate() {
+            for (i, (&Probe { gpa, .. }, &cell)) in probes.iter().zip(&cells).enumerate() {
                 let at = base + ctl::PROBES + i as u64 * 8;
                 self.private.write_u32(at, gpa as u32);
-                let cell = host.map_or(ctl::READ_ONLY, |h| ((h - arena.host()) / 4096) as u32);
                 self.private.write_u32(at + 4, cell);
             }
             self.private
@@ -433,6 +430,26 @@ impl TestVm {
         self.updater.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// Each probe's cell: the index of its host page's expected values in the guest's table
+/// ([`ctl::READ_ONLY`] for a read-only probe). Host pages are numbered in the order they first
+/// appear, so probes of one host page (aliases, a BAR at two GPAs) share a cell, and any page of
+/// the arena can be probed: the numbering does not depend on where the page lies in the arena.
+fn probe_cells(probes: &[Probe]) -> Vec<u32> {
+    let mut numbers: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    probes
+        .iter()
+        .map(|p| {
+            p.host.map_or(ctl::READ_ONLY, |h| {
+                let next = numbers.len() as u32;
+                *numbers.entry(h / 4096).or_insert(next)
+            })
+        })
+        .collect()
+}
+
+// Every probe can have a cell of its own.
+const _: () = assert!(ctl::MAX_PROBES <= ctl::MAX_CELLS);
 
 impl Drop for TestVm {
     fn drop(&mut self) {

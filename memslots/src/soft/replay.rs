@@ -175,6 +175,9 @@ pub fn replay(
         update_us: update_us.micros(false),
         // QEMU's layout after each commit maps exactly the trace's target.
         layout_matches: Some(sums.planned_matches && sums.native_matches),
+        probed_bytes: None,
+        hole_bytes: None,
+        hole_bytes_probed: None,
         kick_to_parked_us: Micros::default(),
         rss_kib_start,
         rss_kib_end: crate::stress::peak_rss_kib(),

@@ -31,6 +31,14 @@ pub fn smm_traces() -> Vec<PathBuf> {
     memslots::trace::Trace::files_in(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
+/// The hand-made traces in which dirty logging stays on across a re-slot,
+/// `tests/data/traces/dirty-log/*.log` (see the README there): kept out of [`traces`], which are
+/// all captured.
+pub fn dirty_log_traces() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces/dirty-log");
+    memslots::trace::Trace::files_in(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
 /// One committed trace by file name.
 pub fn trace(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
