@@ -4,9 +4,9 @@
 
 #![allow(dead_code)]
 
-use memslots::conformance::run_trace;
 use memslots::model::{Layout, Limits, Mapping, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
-use memslots::trace::{Trace, TraceError, EVENT};
+use memslots_testkit::conformance::run_trace;
+use memslots_testkit::trace::{Trace, TraceError, EVENT};
 
 /// The trace parser: never panics; what it accepts is consistent; what it refuses names a real line.
 /// Raw bytes go in (not lossy text), so non-UTF-8 lines, `ret=-2147483648` and repeated fields

@@ -4,9 +4,9 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use memslots::conformance::{run_random, run_trace, RandomRun, Report};
 use memslots::model::Limits;
-use memslots::trace::Trace;
+use memslots_testkit::conformance::{run_random, run_trace, RandomRun, Report};
+use memslots_testkit::trace::Trace;
 
 use crate::output::json_line;
 

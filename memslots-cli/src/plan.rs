@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use memslots::model::{Layout, Limits};
-use memslots::planner::replay::{qemu_equivalent, replay, QemuFigures, Totals};
-use memslots::planner::svg::{render, Frame};
 use memslots::planner::{plan_with, CutPolicy, MemoryMap, Plan};
-use memslots::trace::Trace;
+use memslots_testkit::replay::{qemu_equivalent, replay, QemuFigures, Totals};
+use memslots_testkit::svg::{render, Frame};
+use memslots_testkit::trace::Trace;
 use serde::Serialize;
 
 use crate::output::json_line;

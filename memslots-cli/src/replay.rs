@@ -4,11 +4,11 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use memslots::kvm::Strategy;
-use memslots::soft::compare::CompareOptions;
-use memslots::soft::replay::SoftReplayConfig;
-use memslots::stress::{replay, ReplayConfig, StressReport};
-use memslots::trace::Trace;
+use memslots_testkit::soft::compare::CompareOptions;
+use memslots_testkit::soft::replay::SoftReplayConfig;
+use memslots_testkit::strategy::Strategy;
+use memslots_testkit::stress::{replay, ReplayConfig, StressReport};
+use memslots_testkit::trace::Trace;
 
 use crate::output::{json_line, Progress};
 use crate::stress::{
@@ -100,8 +100,9 @@ fn run_soft(args: &Args, trace: &Trace, name: &str) -> Result<ExitCode, Box<dyn 
         prefault_pages: CompareOptions::default().prefault_pages,
     };
     let bar = Progress::new(None, format!("{name} / soft"));
-    let soft =
-        memslots::soft::replay::replay(trace, name, &config, |done, total| bar.set(done, total))?;
+    let soft = memslots_testkit::soft::replay::replay(trace, name, &config, |done, total| {
+        bar.set(done, total)
+    })?;
     bar.finish();
     print_replay_summary(&soft.report);
     println!(

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use memslots::kvm::Strategy;
-use memslots::stress::{run, StressConfig, StressReport, Trigger};
-use memslots::workload::WorkloadKind;
+use memslots_testkit::strategy::Strategy;
+use memslots_testkit::stress::{run, StressConfig, StressReport, Trigger};
+use memslots_testkit::workload::WorkloadKind;
 
 use crate::output::{json_line, Progress};
 
@@ -168,7 +168,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let (report, soft) = match args.backend {
         BackendArg::Kvm => (run(&config, on_progress)?, None),
         BackendArg::Soft => {
-            let soft = memslots::soft::stress::run(&config, on_progress)?;
+            let soft = memslots_testkit::soft::stress::run(&config, on_progress)?;
             (soft.report.clone(), Some(soft))
         }
     };

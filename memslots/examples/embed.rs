@@ -8,7 +8,7 @@ use std::error::Error;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use memslots::kvm::{Backing, GateVcpu, SlotUpdater, Strategy, VcpuGate, Vm};
+use memslots::kvm::{Backing, GateVcpu, SlotUpdater, VcpuGate, Vm};
 use memslots::model::{SlotCall, SlotFlags};
 use memslots::planner::{Listener, Plan, Section};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -21,7 +21,7 @@ const ROM_GPA: u64 = 0xc_0000;
 /// Applies a plan: the planner already ordered it; the updater finds the hole window itself.
 fn apply(updater: &mut SlotUpdater, plan: &Plan, what: &str) -> Result<(), Box<dyn Error>> {
     let calls: Vec<SlotCall> = plan.calls.iter().map(|c| c.call).collect();
-    let stats = updater.apply(&calls, Strategy::Atomic)?;
+    let stats = updater.apply(&calls)?;
     println!(
         "{what}: {} calls, {} with the vCPU held out, blackout {:?}",
         stats.ioctls,

@@ -1,8 +1,8 @@
 //! What both backends offer a VMM: a slot layout changed by all-or-nothing batches and primitives.
 //!
-//! [`kvm::SlotUpdater`](crate::kvm::SlotUpdater) applies them to a real VM on the stock kernel (a
+//! `kvm::SlotUpdater` applies them to a real VM on the stock kernel (a
 //! primitive lowered to raw calls, vCPUs held out for the calls that open a hole);
-//! [`soft::SoftMemory`](crate::soft::SoftMemory) applies them with the proposed list algorithm and
+//! `soft::SoftMemory` applies them with the proposed list algorithm and
 //! native primitives. Code written against [`SlotBackend`] runs on either.
 
 use crate::model::{Layout, Primitive, SlotCall};
@@ -30,49 +30,5 @@ pub trait SlotBackend {
     fn apply_plan(&mut self, plan: &Plan) -> Result<(), Self::Error> {
         let calls: Vec<SlotCall> = plan.calls.iter().map(|c| c.call).collect();
         self.apply_batch(&calls)
-    }
-}
-
-impl SlotBackend for crate::kvm::SlotUpdater {
-    type Error = crate::kvm::ApplyPrimitiveError;
-
-    fn name(&self) -> &'static str {
-        "kvm"
-    }
-
-    fn layout(&self) -> &Layout {
-        crate::kvm::SlotUpdater::layout(self)
-    }
-
-    fn apply_batch(&mut self, calls: &[SlotCall]) -> Result<(), Self::Error> {
-        self.apply(calls, crate::kvm::Strategy::Atomic)?;
-        Ok(())
-    }
-
-    fn apply_primitive(&mut self, primitive: &Primitive) -> Result<(), Self::Error> {
-        crate::kvm::SlotUpdater::apply_primitive(self, primitive, crate::kvm::Strategy::Atomic)?;
-        Ok(())
-    }
-}
-
-impl SlotBackend for crate::soft::SoftMemory {
-    type Error = crate::soft::SoftError;
-
-    fn name(&self) -> &'static str {
-        "soft"
-    }
-
-    fn layout(&self) -> &Layout {
-        crate::soft::SoftMemory::layout(self)
-    }
-
-    fn apply_batch(&mut self, calls: &[SlotCall]) -> Result<(), Self::Error> {
-        crate::soft::SoftMemory::apply_batch(self, calls)?;
-        Ok(())
-    }
-
-    fn apply_primitive(&mut self, primitive: &Primitive) -> Result<(), Self::Error> {
-        crate::soft::SoftMemory::apply_primitive(self, primitive)?;
-        Ok(())
     }
 }

@@ -14,9 +14,11 @@ use std::error::Error;
 use std::path::Path;
 use std::time::Duration;
 
-use memslots::kvm::{ApplyStats, Strategy, TestVm};
-use memslots::stress::{Step, TraceVm, Trigger, WorkloadVm};
-use memslots::workload::WorkloadKind;
+use memslots::kvm::ApplyStats;
+use memslots_testkit::strategy::Strategy;
+use memslots_testkit::stress::{Step, TraceVm, Trigger, WorkloadVm};
+use memslots_testkit::testvm::TestVm;
+use memslots_testkit::workload::WorkloadKind;
 
 use super::harness::{interleave, median, quantile, Figure, Mode};
 
@@ -68,7 +70,7 @@ impl Rig {
     }
 
     fn trace(
-        trace: &memslots::trace::Trace,
+        trace: &memslots_testkit::trace::Trace,
         run: bool,
         strategy: Strategy,
     ) -> Result<Self, Box<dyn Error>> {
@@ -375,7 +377,7 @@ pub fn traces(mode: Mode, dir: &Path) -> Result<Vec<Figure>, Box<dyn Error>> {
     let passes = mode.pick(1, 3, 30);
     let mut out = Vec::new();
     for path in super::trace_files(dir)? {
-        let trace = memslots::trace::Trace::from_file(&path)?;
+        let trace = memslots_testkit::trace::Trace::from_file(&path)?;
         let name = format!("trace_{}", super::trace_name(&path));
         let rigs = (|| -> Result<_, Box<dyn Error>> {
             Ok((

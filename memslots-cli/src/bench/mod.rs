@@ -44,7 +44,7 @@ const SECTIONS: [&str; 6] = ["ioctl", "blackout", "kick", "soft", "planner", "tr
 
 /// The committed traces in `dir`, sorted.
 fn trace_files(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>> {
-    Ok(memslots::trace::Trace::files_in(dir)
+    Ok(memslots_testkit::trace::Trace::files_in(dir)
         .map_err(|e| format!("reading {}: {e}", dir.display()))?)
 }
 

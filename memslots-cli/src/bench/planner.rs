@@ -1,5 +1,5 @@
 //! Planner time beside QEMU's own computation of the same change: the listener's diff of the
-//! layouts before and after (`memslots::kvm::qemu_batch`: every changed slot deleted, every new
+//! layouts before and after (`memslots_testkit::qemu::batch`: every changed slot deleted, every new
 //! one created). Both turn a change into a list of slot calls; the ratio is what planning (ids,
 //! MOVE / FLAGS_ONLY detection, ordering, the quiesce window) costs over the plainest diff.
 
@@ -7,16 +7,16 @@ use std::error::Error;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use memslots::kvm::qemu_batch;
 use memslots::model::{Layout, Limits};
-use memslots::planner::replay::qemu_commits;
 use memslots::planner::{plan, plan_with, CutPolicy, MemoryMap};
-use memslots::samples;
-use memslots::trace::Trace;
+use memslots_testkit::qemu::batch as qemu_batch;
+use memslots_testkit::replay::qemu_commits;
+use memslots_testkit::samples;
+use memslots_testkit::trace::Trace;
 
 use super::harness::{interleave, median, Figure, Mode};
 
-/// The change of `tests/planner_plan.rs` ([`memslots::samples::planner_change`]): of 32,764
+/// The change of `tests/planner_plan.rs` ([`memslots_testkit::samples::planner_change`]): of 32,764
 /// slots a quarter deleted, a quarter switched to dirty logging, a quarter moved, a quarter kept.
 fn change() -> Result<(Layout, MemoryMap, Layout), Box<dyn Error>> {
     let n = u64::from(Limits::default().slots);

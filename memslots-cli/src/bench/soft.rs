@@ -18,8 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use memslots::model::{Layout, Limits, Slot, SlotCall, PAGE_SIZE};
-use memslots::samples::{self, dense_slot as slot, SAMPLE_HOST};
 use memslots::soft::{SoftMemory, Translation};
+use memslots_testkit::samples::{self, dense_slot as slot, SAMPLE_HOST};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
     GuestRegionMmap, MmapRegion,

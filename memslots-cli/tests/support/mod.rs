@@ -70,7 +70,7 @@ pub fn trace(name: &str) -> String {
 /// Every committed trace (`tests/data/traces/*.log`), sorted.
 pub fn traces() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
-    memslots::trace::Trace::files_in(&dir).expect("the traces directory")
+    memslots_testkit::trace::Trace::files_in(&dir).expect("the traces directory")
 }
 
 /// The fields of the `stress`/`replay` JSON object (issues 5 and 8).

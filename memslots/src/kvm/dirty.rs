@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use crate::model::{Slot, SlotId, PAGE_SIZE};
 
-use super::vm::Vm;
+use super::vm::SlotVm;
 
 /// `KVM_GET_DIRTY_LOG` failed for a slot (for example with the VM in dirty-ring mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -24,7 +24,7 @@ pub struct DirtyLog {
 
 impl DirtyLog {
     /// Reads (and so clears) `slot`'s bitmap from KVM and keeps its bits by host page.
-    pub fn collect(&mut self, vm: &Vm, slot: &Slot) -> Result<u64, DirtyLogError> {
+    pub fn collect(&mut self, vm: &dyn SlotVm, slot: &Slot) -> Result<u64, DirtyLogError> {
         let bitmap = vm
             .dirty_log(slot.id.raw(), slot.size)
             .map_err(|errno| DirtyLogError {

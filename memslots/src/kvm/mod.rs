@@ -4,19 +4,14 @@
 //! - [`SlotTable`]: the one place slot calls are made, keeping the model's layout equal to the
 //!   kernel's; fault injection.
 //! - [`VcpuGate`]: parks and resumes vCPUs (real-time signal + `immediate_exit`).
-//! - [`SlotUpdater`]: the atomic apply of a batch (or a model primitive) to a running VM with the
-//!   `atomic`, `qemu` and `naive` strategies; what a VMM embeds.
-//! - [`TestVm`]: a VM running the embedded test guest on vCPU threads, over a `SlotUpdater`.
+//! - [`SlotUpdater`]: the atomic apply of a batch (or a model primitive) to a running VM; what a
+//!   VMM embeds.
 
 mod dirty;
 mod gate;
-pub mod guest;
-mod history;
 mod memory;
 mod slots;
-mod testvm;
 mod updater;
-mod vcpu;
 mod vm;
 
 pub use dirty::{DirtyLog, DirtyLogError};
@@ -24,10 +19,8 @@ pub use gate::{
     GateVcpu, Kick, KickError, KickTarget, QuiesceTimes, Quiesced, SignalKick, VcpuGate, VcpuTicket,
 };
 pub use memory::{Backing, HostMemory, MemoryError, HUGE_PAGE};
-pub use slots::{FaultInjector, SlotCallError, SlotTable};
-pub use testvm::{kick_signal, LayoutRef, Probe, TestVm, TestVmConfig, TestVmError};
+pub use slots::{FaultHook, SlotCallError, SlotTable};
 pub use updater::{
-    qemu_batch, ApplyError, ApplyPrimitiveError, ApplyStats, SlotUpdater, Strategy, UpdateObserver,
+    ApplyError, ApplyPrimitiveError, ApplyStats, DirtyBits, Hold, SlotUpdater, UpdateObserver,
 };
-pub use vcpu::{GuestCounters, GuestStats, Job};
-pub use vm::{KvmError, Vm};
+pub use vm::{KvmError, SlotVm, Vm};

@@ -4,11 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::conformance::SplitMix64;
 use crate::model::{Applied, Layout, Rule, SlotCall, SlotId};
 
 use super::memory::{Backing, HostMemory};
-use super::vm::Vm;
+use super::vm::SlotVm;
 
 /// Why a slot call did not happen.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -51,46 +50,11 @@ pub enum SlotCallError {
     },
 }
 
-/// Makes slot calls fail on purpose, with errnos KVM really returns.
-#[derive(Clone, Debug)]
-pub enum FaultInjector {
-    /// Fail the `n`-th call from now (0-based), once.
-    Nth {
-        /// Calls still to let through.
-        n: u64,
-        /// The errno to fail with.
-        errno: i32,
-    },
-    /// Fail each call with probability `p`, from a seeded generator.
-    Random {
-        /// Probability of failure per call.
-        p: f64,
-        /// Generator.
-        rng: SplitMix64,
-    },
-}
-
-impl FaultInjector {
-    const ERRNOS: [i32; 3] = [libc::ENOMEM, libc::EFAULT, libc::EEXIST];
-
-    fn fire(&mut self) -> Option<i32> {
-        match self {
-            FaultInjector::Nth { n, errno } => {
-                if *n == 0 {
-                    *n = u64::MAX;
-                    Some(*errno)
-                } else {
-                    *n = n.saturating_sub(1);
-                    None
-                }
-            }
-            FaultInjector::Random { p, rng } => {
-                let x = rng.next_u64();
-                let hit = (x >> 11) as f64 / (1u64 << 53) as f64 <= *p;
-                hit.then(|| Self::ERRNOS[(x % 3) as usize])
-            }
-        }
-    }
+/// Decides, before each slot ioctl, whether it fails on purpose: fault injection for tests of
+/// the rollback. Rollback calls are never offered to it.
+pub trait FaultHook: Send + std::fmt::Debug {
+    /// `Some(errno)` fails `call` with `errno` without asking the kernel.
+    fn fail(&mut self, call: &SlotCall) -> Option<i32>;
 }
 
 /// The VM's slots: the kernel's and the model's, kept equal.
@@ -101,10 +65,10 @@ impl FaultInjector {
 /// only then lets go of the memory; if a delete fails, that memory is leaked, never unmapped.
 #[derive(Debug)]
 pub struct SlotTable {
-    vm: Arc<Vm>,
+    vm: Arc<dyn SlotVm>,
     layout: Layout,
     held: BTreeMap<u32, Arc<Backing>>,
-    injector: Option<FaultInjector>,
+    injector: Option<Box<dyn FaultHook>>,
     ioctls: u64,
 }
 
@@ -124,8 +88,8 @@ impl Drop for SlotTable {
 
 impl SlotTable {
     /// An empty table for `vm`.
-    pub fn new(vm: Arc<Vm>) -> Self {
-        let layout = Layout::new(*vm.limits());
+    pub fn new(vm: Arc<dyn SlotVm>) -> Self {
+        let layout = Layout::new(vm.limits());
         SlotTable {
             vm,
             layout,
@@ -150,8 +114,8 @@ impl SlotTable {
         self.ioctls
     }
 
-    /// Sets (or clears) the fault injector.
-    pub fn inject(&mut self, injector: Option<FaultInjector>) {
+    /// Sets (or clears) the fault hook.
+    pub fn inject(&mut self, injector: Option<Box<dyn FaultHook>>) {
         self.injector = injector;
     }
 
@@ -189,7 +153,7 @@ impl SlotTable {
             )
         };
         if injectable {
-            if let Some(errno) = self.injector.as_mut().and_then(FaultInjector::fire) {
+            if let Some(errno) = self.injector.as_mut().and_then(|h| h.fail(call)) {
                 return Err(SlotCallError::Kernel {
                     call: *call,
                     errno,

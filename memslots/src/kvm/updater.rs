@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use crate::backend::SlotBackend;
 use crate::model::{
     Applied, BatchError, Change, Layout, Primitive, PrimitiveError, Slot, SlotCall,
 };
@@ -18,33 +19,29 @@ use crate::model::{
 use super::dirty::{DirtyLog, DirtyLogError};
 use super::gate::{QuiesceTimes, VcpuGate};
 use super::memory::{Backing, HostMemory};
-use super::slots::{FaultInjector, SlotCallError, SlotTable};
-use super::vm::Vm;
+use super::slots::{FaultHook, SlotCallError, SlotTable};
+use super::vm::SlotVm;
 
-/// How a batch is applied.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
-pub enum Strategy {
-    /// Only the calls from the first that opens a hole to the last that closes one (and dirty
-    /// logging slots' last collection and removal) run with vCPUs held out; dirty bits are
-    /// collected before the hold and again inside it.
-    Atomic,
-    /// QEMU 8.0: the net change as all DELETEs then all CREATEs; every vCPU held out for the whole
-    /// batch when a deleted range overlaps an added one; dirty bits collected before each DELETE
-    /// with vCPUs running ("best effort").
-    Qemu,
-    /// The calls in order, nobody held out, no dirty bits collected: the bug, on purpose.
-    Naive,
+/// Which calls of a batch run with the vCPUs held out.
+#[derive(Clone, PartialEq, Eq, Debug, Hash)]
+pub enum Hold {
+    /// The calls from the first that opens a hole to the last that closes one, and the calls
+    /// that drop a logging slot's bitmap: what [`SlotUpdater::apply`] uses.
+    Holes,
+    /// Exactly these calls (indices into the batch); an empty range holds nobody. A range that
+    /// does not cover every hole lets vCPUs see a half-applied layout: this exists to measure
+    /// other policies (QEMU's whole-commit inhibit, none at all) against [`Hold::Holes`].
+    Calls(Range<usize>),
 }
 
-impl Strategy {
-    /// The name used on the command line and in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Atomic => "atomic",
-            Strategy::Qemu => "qemu",
-            Strategy::Naive => "naive",
-        }
-    }
+/// How the dirty bits of a slot the batch drops are kept.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum DirtyBits {
+    /// Read just before the call that drops them (and, with [`Hold::Holes`], once before the
+    /// hold with the vCPUs running, so the read inside it is short).
+    Keep,
+    /// Not read: the pages dirtied since the last harvest are lost. Exists to show the loss.
+    Drop,
 }
 
 /// What one applied batch cost.
@@ -117,7 +114,7 @@ pub enum ApplyPrimitiveError {
 /// A VM's slots, changed atomically while its vCPUs run.
 #[derive(Debug)]
 pub struct SlotUpdater {
-    vm: Arc<Vm>,
+    vm: Arc<dyn SlotVm>,
     memory: HostMemory,
     slots: SlotTable,
     dirty: DirtyLog,
@@ -139,7 +136,7 @@ impl Drop for SlotUpdater {
 
 impl SlotUpdater {
     /// An updater for `vm`, parking vCPUs through `gate` (which the VMM's vCPU threads use).
-    pub fn new(vm: Arc<Vm>, gate: Arc<VcpuGate>) -> Self {
+    pub fn new(vm: Arc<dyn SlotVm>, gate: Arc<VcpuGate>) -> Self {
         let slots = SlotTable::new(vm.clone());
         SlotUpdater {
             vm,
@@ -169,7 +166,7 @@ impl SlotUpdater {
     }
 
     /// The VM.
-    pub fn vm(&self) -> &Arc<Vm> {
+    pub fn vm(&self) -> &Arc<dyn SlotVm> {
         &self.vm
     }
 
@@ -187,7 +184,7 @@ impl SlotUpdater {
     }
 
     /// Sets (or clears) fault injection on slot calls.
-    pub fn inject_faults(&mut self, injector: Option<FaultInjector>) {
+    pub fn inject_faults(&mut self, injector: Option<Box<dyn FaultHook>>) {
         self.slots.inject(injector);
     }
 
@@ -210,19 +207,18 @@ impl SlotUpdater {
             .copied()
             .collect();
         for slot in &logging {
-            self.dirty.collect(&self.vm, slot)?;
+            self.dirty.collect(&*self.vm, slot)?;
         }
         Ok(self.dirty.take())
     }
 
-    /// Lowers a model primitive to raw calls and applies them with `strategy`.
+    /// Lowers a model primitive to raw calls and applies them atomically.
     pub fn apply_primitive(
         &mut self,
         primitive: &Primitive,
-        strategy: Strategy,
     ) -> Result<ApplyStats, ApplyPrimitiveError> {
         let lowered = self.slots.layout_mut().lower(primitive)?;
-        Ok(self.apply(lowered.batch.calls(), strategy)?)
+        Ok(self.apply(lowered.batch.calls())?)
     }
 
     /// The device-side view of `layout`: built outside any quiesce, so that inside one only the
@@ -276,32 +272,37 @@ impl SlotUpdater {
         self.swap_view(view.expect("the slot table only maps owned memory"));
     }
 
-    /// Applies `calls` as one update with `strategy`. On failure everything is undone.
-    pub fn apply(
+    /// Applies `calls` (in order) as one atomic update: vCPUs are held out only for the calls
+    /// that open a hole or drop a dirty bitmap, and no dirty bit is lost. On failure everything
+    /// is undone.
+    pub fn apply(&mut self, calls: &[SlotCall]) -> Result<ApplyStats, ApplyError> {
+        self.apply_with(calls, Hold::Holes, DirtyBits::Keep)
+    }
+
+    /// Applies `calls` (in order) as one update, holding vCPUs out for `hold` and keeping dirty
+    /// bits as `dirty` says. On failure everything is undone (with vCPUs held out).
+    pub fn apply_with(
         &mut self,
         calls: &[SlotCall],
-        strategy: Strategy,
+        hold: Hold,
+        dirty: DirtyBits,
     ) -> Result<ApplyStats, ApplyError> {
         let start = Instant::now();
         let ioctls_before = self.slots.ioctls();
         let before = self.slots.layout().clone();
         let mut target = before.clone();
         target.apply_batch(calls).map_err(ApplyError::Invalid)?;
-        let calls: Vec<SlotCall> = match strategy {
-            Strategy::Qemu => qemu_batch(&before, &target),
-            _ => calls.to_vec(),
-        };
         let done = self
             .slots
             .layout_mut()
-            .check_batch(&calls)
+            .check_batch(calls)
             .map_err(ApplyError::Invalid)?;
-        let window = match strategy {
-            Strategy::Atomic => {
+        let window = match &hold {
+            Hold::Holes => {
                 let holes = self
                     .slots
                     .layout_mut()
-                    .holes(&calls)
+                    .holes(calls)
                     .map_err(ApplyError::Invalid)?;
                 let mut w = holes.quiesce_window();
                 for (i, a) in done.iter().enumerate() {
@@ -315,20 +316,19 @@ impl SlotUpdater {
                 }
                 w
             }
-            Strategy::Qemu if crate::planner::replay::qemu_inhibits(&done) => 0..calls.len(),
-            _ => 0..0,
+            Hold::Calls(range) => range.start.min(calls.len())..range.end.min(calls.len()),
         };
         // Atomic: a first collection with vCPUs running keeps the one inside the hold short. A
         // bitmap that cannot be read stops the batch before its first call. Only slots that exist
         // now: one an earlier call of the batch creates is read just before the call that drops it.
-        if strategy == Strategy::Atomic {
+        if hold == Hold::Holes && dirty == DirtyBits::Keep {
             for a in done.iter().filter(|a| loses_dirty_bits(a)) {
                 let slot = a.before.expect("a change that loses bits has an old slot");
                 if before.slot(slot.id) != Some(&slot) {
                     continue;
                 }
                 self.dirty
-                    .collect(&self.vm, &slot)
+                    .collect(&*self.vm, &slot)
                     .map_err(ApplyError::DirtyLog)?;
             }
         }
@@ -349,7 +349,7 @@ impl SlotUpdater {
         if let Some(o) = &self.observer {
             o.begin(&target);
         }
-        let result = self.run_calls(&calls, &done, window, strategy, views);
+        let result = self.run_calls(calls, &done, window, dirty, views);
         if let Some(o) = &self.observer {
             o.end(self.slots.layout());
         }
@@ -385,7 +385,7 @@ impl SlotUpdater {
         calls: &[SlotCall],
         preview: &[Applied],
         window: Range<usize>,
-        strategy: Strategy,
+        dirty: DirtyBits,
         mut views: Views,
     ) -> (
         Option<Result<(usize, SlotCallError), (usize, SlotCallError)>>,
@@ -404,9 +404,9 @@ impl SlotUpdater {
             let ioctls = self.slots.ioctls();
             // The last read of a bitmap the call drops; if it fails, the call is not made and
             // the batch rolls back like a failed call.
-            let unread = (strategy != Strategy::Naive && loses_dirty_bits(&preview[i]))
+            let unread = (dirty == DirtyBits::Keep && loses_dirty_bits(&preview[i]))
                 .then(|| preview[i].before.expect("has an old slot"))
-                .and_then(|slot| self.dirty.collect(&self.vm, &slot).err());
+                .and_then(|slot| self.dirty.collect(&*self.vm, &slot).err());
             let result = match unread {
                 Some(e) => Err(SlotCallError::DirtyLog {
                     call: *call,
@@ -427,7 +427,7 @@ impl SlotUpdater {
                         if let Some(made) = a.after.filter(|s| s.flags.log_dirty()) {
                             // The rollback cannot stop: a bitmap it cannot read counts as all
                             // dirty, so no page is lost.
-                            if self.dirty.collect(&self.vm, &made).is_err() {
+                            if self.dirty.collect(&*self.vm, &made).is_err() {
                                 self.dirty.mark_all(&made);
                             }
                         }
@@ -492,30 +492,24 @@ fn inverse(a: &Applied) -> SlotCall {
     }
 }
 
-/// QEMU's listener: every slot that changed is deleted, then every new one created; a slot whose
-/// only change is dirty logging is re-issued in place.
-pub fn qemu_batch(before: &Layout, after: &Layout) -> Vec<SlotCall> {
-    let same_but_logging = |a: &Slot, b: &Slot| {
-        a.gpa == b.gpa
-            && a.size == b.size
-            && a.host == b.host
-            && a.flags.readonly() == b.flags.readonly()
-    };
-    let mut deletes = Vec::new();
-    let mut flags = Vec::new();
-    let mut creates = Vec::new();
-    for old in before.slots() {
-        match after.slot(old.id) {
-            Some(new) if new == old => {}
-            Some(new) if same_but_logging(old, new) => flags.push(new.set_call()),
-            _ => deletes.push(old.delete_call()),
-        }
+impl SlotBackend for SlotUpdater {
+    type Error = ApplyPrimitiveError;
+
+    fn name(&self) -> &'static str {
+        "kvm"
     }
-    for new in after.slots() {
-        match before.slot(new.id) {
-            Some(old) if old == new || same_but_logging(old, new) => {}
-            _ => creates.push(new.set_call()),
-        }
+
+    fn layout(&self) -> &Layout {
+        SlotUpdater::layout(self)
     }
-    deletes.into_iter().chain(flags).chain(creates).collect()
+
+    fn apply_batch(&mut self, calls: &[SlotCall]) -> Result<(), Self::Error> {
+        self.apply(calls)?;
+        Ok(())
+    }
+
+    fn apply_primitive(&mut self, primitive: &Primitive) -> Result<(), Self::Error> {
+        SlotUpdater::apply_primitive(self, primitive)?;
+        Ok(())
+    }
 }

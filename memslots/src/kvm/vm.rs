@@ -1,4 +1,6 @@
-//! A KVM VM: creation, the kernel's limits, and the raw slot call.
+//! The VM slot calls are made on: [`SlotVm`], what memslots needs of a hypervisor's VM, for a VMM
+//! to implement over its own abstraction (as Cloud Hypervisor's `hypervisor::Vm` is); implemented
+//! here for `kvm_ioctls::VmFd` (a VMM's own VM fd) and for [`Vm`] (one memslots creates).
 
 use kvm_bindings::{
     kvm_userspace_memory_region, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_GPA_BITS,
@@ -19,7 +21,67 @@ pub enum KvmError {
     CreateVm(#[source] kvm_ioctls::Error),
 }
 
-/// A VM on `/dev/kvm` and the limits its kernel reports.
+/// What memslots needs of a VM: the kernel's limits, the raw slot call and the dirty bitmap.
+///
+/// The VMM keeps its VM: it hands memslots something implementing this (its `VmFd`, an
+/// `Arc<VmFd>`, or its own type) and goes on using the VM for everything else. It must not make
+/// slot calls or read dirty bitmaps of its own behind memslots' back: the library's layout would
+/// no longer be the kernel's, and the bits it read would be lost to the library's harvest.
+pub trait SlotVm: Send + Sync + std::fmt::Debug {
+    /// The limits the kernel reports for this VM (read once, when a slot table is made).
+    fn limits(&self) -> Limits;
+
+    /// Makes one raw `KVM_SET_USER_MEMORY_REGION` call; `Err` carries the kernel's errno.
+    ///
+    /// # Safety
+    ///
+    /// If the kernel accepts the call, `[call.host, call.host + call.size)` must stay mapped (or
+    /// never be touched by a vCPU or the kernel) for as long as the slot exists: KVM maps guest
+    /// memory from it without further checks.
+    unsafe fn set_region(&self, call: &SlotCall) -> Result<(), i32>;
+
+    /// Reads and clears the dirty bitmap of a slot (`KVM_GET_DIRTY_LOG`), one bit per page of
+    /// `size` bytes; `Err` carries the kernel's errno (`ENOENT` when the slot does not exist or
+    /// does not log dirty pages).
+    fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32>;
+}
+
+impl SlotVm for VmFd {
+    fn limits(&self) -> Limits {
+        // The CPUID read behind the GPA bound needs `/dev/kvm`; without it, x86-64's default.
+        match Kvm::new() {
+            Ok(kvm) => read_limits(&kvm, self),
+            Err(_) => read_limits_without_kvm(self),
+        }
+    }
+
+    unsafe fn set_region(&self, call: &SlotCall) -> Result<(), i32> {
+        // SAFETY: the caller guarantees the host range outlives the slot (see the trait).
+        unsafe { self.set_user_memory_region(region_of(call)) }.map_err(|e| e.errno())
+    }
+
+    fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
+        self.get_dirty_log(slot, size as usize)
+            .map_err(|e| e.errno())
+    }
+}
+
+impl<T: SlotVm + ?Sized> SlotVm for std::sync::Arc<T> {
+    fn limits(&self) -> Limits {
+        (**self).limits()
+    }
+
+    unsafe fn set_region(&self, call: &SlotCall) -> Result<(), i32> {
+        // SAFETY: forwarded with the caller's guarantee.
+        unsafe { (**self).set_region(call) }
+    }
+
+    fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
+        (**self).dirty_log(slot, size)
+    }
+}
+
+/// A VM on `/dev/kvm` that memslots creates, and the limits its kernel reports.
 #[derive(Debug)]
 pub struct Vm {
     kvm: Kvm,
@@ -55,32 +117,63 @@ impl Vm {
     ///
     /// # Safety
     ///
-    /// If the kernel accepts the call, `[call.host, call.host + call.size)` must stay mapped (or
-    /// never be touched by a vCPU or the kernel) for as long as the slot exists: KVM maps guest
-    /// memory from it without further checks.
+    /// As [`SlotVm::set_region`].
     pub unsafe fn set_region(&self, call: &SlotCall) -> Result<(), i32> {
-        let region = kvm_userspace_memory_region {
-            slot: call.slot,
-            flags: call.flags,
-            guest_phys_addr: call.gpa,
-            memory_size: call.size,
-            userspace_addr: call.host,
-        };
-        // SAFETY: the caller guarantees the host range outlives the slot (see `# Safety`).
-        unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| e.errno())
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { SlotVm::set_region(&self.fd, call) }
     }
 
-    /// Reads and clears the dirty bitmap of a slot; `Err` carries the kernel's errno
-    /// (`ENOENT` when the slot does not exist or does not log dirty pages).
+    /// Reads and clears the dirty bitmap of a slot: [`SlotVm::dirty_log`].
     pub fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
-        self.fd
-            .get_dirty_log(slot, size as usize)
-            .map_err(|e| e.errno())
+        SlotVm::dirty_log(&self.fd, slot, size)
+    }
+}
+
+impl SlotVm for Vm {
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    unsafe fn set_region(&self, call: &SlotCall) -> Result<(), i32> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { Vm::set_region(self, call) }
+    }
+
+    fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
+        Vm::dirty_log(self, slot, size)
+    }
+}
+
+/// The raw region of a call.
+fn region_of(call: &SlotCall) -> kvm_userspace_memory_region {
+    kvm_userspace_memory_region {
+        slot: call.slot,
+        flags: call.flags,
+        guest_phys_addr: call.gpa,
+        memory_size: call.size,
+        userspace_addr: call.host,
+    }
+}
+
+/// [`read_limits`] where `/dev/kvm` cannot be opened again: the GPA bound stays x86-64's.
+fn read_limits_without_kvm(vm: &VmFd) -> Limits {
+    let defaults = Limits::default();
+    Limits {
+        max_gfn: defaults.max_gfn,
+        ..limits_from_caps(vm)
     }
 }
 
 /// The limits `KVM_CHECK_EXTENSION` reports on `vm`, defaults elsewhere.
 fn read_limits(kvm: &Kvm, vm: &VmFd) -> Limits {
+    Limits {
+        max_gfn: max_gfn(kvm, vm).unwrap_or(Limits::default().max_gfn),
+        ..limits_from_caps(vm)
+    }
+}
+
+/// The limits `KVM_CHECK_EXTENSION` on the VM reports (the GPA bound left at its default).
+fn limits_from_caps(vm: &VmFd) -> Limits {
     let defaults = Limits::default();
     let slots = vm.check_extension_int(Cap::NrMemslots);
     let spaces = vm.check_extension_raw(KVM_CAP_MULTI_ADDRESS_SPACE.into());
@@ -91,7 +184,6 @@ fn read_limits(kvm: &Kvm, vm: &VmFd) -> Limits {
         readonly: vm.check_extension(Cap::ReadonlyMem),
         // This library drives the v1 ioctl, which never accepts GUEST_MEMFD.
         guest_memfd: false,
-        max_gfn: max_gfn(kvm, vm).unwrap_or(defaults.max_gfn),
         ..defaults
     }
 }

@@ -1,7 +1,5 @@
 //! Ordered batches of slot calls, applied as one unit: all or nothing.
 
-use serde::{Deserialize, Serialize};
-
 use super::layout::{Applied, Layout};
 use super::rules::Rule;
 use super::slot::SlotCall;
@@ -10,8 +8,9 @@ use super::slot::SlotCall;
 ///
 /// Each call is checked against the layout the calls before it produce, so `DELETE(x)` then
 /// `CREATE(x, other size)` is a valid batch.
-#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(transparent))]
 pub struct Batch {
     calls: Vec<SlotCall>,
 }

@@ -8,14 +8,13 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use serde::Serialize;
-
 use super::batch::BatchError;
 use super::layout::{Layout, Mapping, Segment};
 use super::slot::SlotCall;
 
 /// A guest-physical range of one address space.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct GpaRange {
     /// Address space.
     pub address_space: u16,
@@ -26,7 +25,8 @@ pub struct GpaRange {
 }
 
 /// A hole: `range` is wrong after call `opened_by` and right again after call `closed_by`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Hole {
     /// The range.
     pub range: GpaRange,
@@ -37,7 +37,8 @@ pub struct Hole {
 }
 
 /// The holes of a batch on a layout.
-#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct HoleReport {
     /// Every hole, ordered by opening call then address.
     pub holes: Vec<Hole>,

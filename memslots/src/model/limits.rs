@@ -1,14 +1,13 @@
 //! What the kernel allows: slot count, address spaces, read-only support.
 
-use serde::{Deserialize, Serialize};
-
 use super::slot::PAGE_SIZE;
 
 /// The kernel's limits for one VM.
 ///
 /// [`Limits::default`] holds x86-64's values on a current kernel; a KVM backend replaces them with
 /// what `KVM_CHECK_EXTENSION` reports for the VM at hand.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Limits {
     /// Usable slot ids per address space (`KVM_CAP_NR_MEMSLOTS`; 32764 on x86-64).
     pub slots: u16,
@@ -33,7 +32,7 @@ pub struct Limits {
     /// x86-64 default: 52-bit guest physical addresses, `2^40 - 1` (what KVM uses without TDP;
     /// with TDP it is the host's MAXPHYADDR). Measured here: `gpa=0xffffffffff000 size=0x1000` is
     /// accepted, `size=0x2000` refused.
-    #[serde(default = "Limits::default_max_gfn")]
+    #[cfg_attr(feature = "serde", serde(default = "Limits::default_max_gfn"))]
     pub max_gfn: u64,
 }
 

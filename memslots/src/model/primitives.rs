@@ -1,15 +1,14 @@
 //! Slot primitives (grow, shrink, split, merge, move, read-only and dirty-logging toggles) and their
 //! lowering to the raw calls the stock kernel accepts.
 
-use serde::Serialize;
-
 use super::batch::{Batch, BatchError};
 use super::holes::HoleReport;
 use super::layout::Layout;
 use super::slot::{Slot, SlotFlags, SlotId};
 
 /// A change to one or two slots, stated as what the slots should become.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum Primitive {
     /// Extend a slot at its end to `size` bytes (the host range grows with it).
     Grow {

@@ -1,13 +1,13 @@
 //! KVM's rules for one slot call: what a call does, or why the kernel refuses it.
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
 
 use super::slot::SlotId;
 
 /// What an accepted slot call does, as KVM's `enum kvm_mr_change` (plus the no-op).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "SCREAMING_SNAKE_CASE"))]
 pub enum Change {
     /// A new slot (`KVM_MR_CREATE`).
     Create,
@@ -41,7 +41,8 @@ impl fmt::Display for Change {
 }
 
 /// A KVM rule that refuses a slot call; each carries the errno the kernel returns.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Rule {
     /// The slot id is at or above `KVM_CAP_NR_MEMSLOTS` (checked first, by the ioctl itself).
     #[error("slot id {id} is not below the slot limit {limit}")]

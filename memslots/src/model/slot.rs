@@ -1,13 +1,13 @@
 //! Slots, slot ids, flags and the raw slot call.
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The page size KVM checks alignment against on x86-64.
 pub const PAGE_SIZE: u64 = 4096;
 
 /// A slot's identity: address space (bits 16-31 of KVM's `slot` field) and id (bits 0-15).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SlotId {
     /// Address space (0 is normal memory, 1 is SMM on x86).
     pub address_space: u16,
@@ -50,8 +50,9 @@ impl fmt::Display for SlotId {
 }
 
 /// Slot flags, as in `kvm_userspace_memory_region::flags`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(transparent))]
 pub struct SlotFlags(pub u32);
 
 impl SlotFlags {
@@ -123,7 +124,8 @@ impl fmt::Debug for SlotFlags {
 }
 
 /// A memory slot as KVM holds it: a guest-physical range backed by host memory.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Slot {
     /// Address space and id.
     pub id: SlotId,
@@ -184,7 +186,8 @@ impl Slot {
 /// One raw `KVM_SET_USER_MEMORY_REGION` call (`kvm_userspace_memory_region`): size 0 deletes.
 ///
 /// Fields are raw so that invalid calls can be expressed, checked and sent to the kernel as-is.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SlotCall {
     /// `address_space << 16 | id`.
     pub slot: u32,
@@ -195,7 +198,7 @@ pub struct SlotCall {
     /// `memory_size`; 0 deletes the slot.
     pub size: u64,
     /// `userspace_addr`.
-    #[serde(rename = "ua")]
+    #[cfg_attr(feature = "serde", serde(rename = "ua"))]
     pub host: u64,
 }
 

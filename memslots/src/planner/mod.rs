@@ -7,15 +7,13 @@
 //! - [`plan`] / [`plan_with`]: a [`Plan`] of raw calls from a [`Layout`](crate::model::Layout) to a
 //!   map, with the calls that must run quiesced marked.
 //! - [`Listener`]: QEMU's `begin` / `region_add` / `region_del` / `commit` on top.
-//! - [`replay`]: QEMU traces' commits turned into target maps, planned, and compared.
-//! - [`svg`]: a drawing of the guest physical map before and after each commit.
 
+#[cfg(feature = "serde")]
+mod json;
 mod listener;
 mod map;
 mod plan;
 mod policy;
-pub mod replay;
-pub mod svg;
 
 pub use listener::{Listener, ListenerError, Section};
 pub use map::{MapError, MemoryMap, Region};

@@ -3,14 +3,13 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use serde::Serialize;
-
 use super::map::{MemoryMap, Region};
 use super::policy::CutPolicy;
 use crate::model::{Batch, BatchError, Change, Layout, Slot, SlotCall, SlotFlags, SlotId};
 
 /// One call of a plan.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PlannedCall {
     /// The raw call.
     pub call: SlotCall,
@@ -30,7 +29,8 @@ pub struct PlannedCall {
 
 /// A batch of raw slot calls that takes a layout to a target mapping, in the order they must be
 /// made; the quiesced calls form one contiguous run.
-#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Plan {
     /// The calls, in order.
     pub calls: Vec<PlannedCall>,

@@ -1,7 +1,5 @@
 //! Where the planner cuts new slots, so that likely future changes delete small slots, not big ones.
 
-use serde::{Deserialize, Serialize};
-
 /// How new slots are cut.
 ///
 /// KVM cannot resize, split or re-flag a slot's READONLY bit in place: changing any part of a slot
@@ -13,7 +11,8 @@ use serde::{Deserialize, Serialize};
 /// edge. Finer size-aligned power-of-two blocks inside a range (`fine_range`) are available, but
 /// on the committed QEMU traces cutting the ROM area into 64 KiB or 128 KiB blocks cost more
 /// quiesced calls and ioctls than it saved, so the default does not.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CutPolicy {
     /// GPAs a new slot never spans (sorted ascending): edges of ranges that change on their own.
     pub boundaries: Vec<u64>,

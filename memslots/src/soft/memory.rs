@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use super::rcu::Publisher;
 use super::reader::Reader;
 use super::set::{SetOp, Slots, SoftSlot};
 use super::spte::{SpteCache, SpteCounters};
+use crate::backend::SlotBackend;
 use crate::model::{
     Applied, BatchError, Change, Layout, Limits, Primitive, PrimitiveError, Slot, SlotCall, SlotId,
 };
@@ -33,7 +32,8 @@ pub enum SoftError {
 }
 
 /// What one batch or primitive cost.
-#[derive(Clone, Copy, PartialEq, Eq, Default, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Outcome {
     /// Swaps of the active slot set (each followed by a grace period).
     pub publishes: u64,
@@ -341,5 +341,27 @@ impl SoftMemory {
         };
         self.total += outcome;
         Ok(outcome)
+    }
+}
+
+impl SlotBackend for SoftMemory {
+    type Error = SoftError;
+
+    fn name(&self) -> &'static str {
+        "soft"
+    }
+
+    fn layout(&self) -> &Layout {
+        SoftMemory::layout(self)
+    }
+
+    fn apply_batch(&mut self, calls: &[SlotCall]) -> Result<(), Self::Error> {
+        SoftMemory::apply_batch(self, calls)?;
+        Ok(())
+    }
+
+    fn apply_primitive(&mut self, primitive: &Primitive) -> Result<(), Self::Error> {
+        SoftMemory::apply_primitive(self, primitive)?;
+        Ok(())
     }
 }

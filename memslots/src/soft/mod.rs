@@ -7,21 +7,13 @@
 //! - [`set`]: one copy of the slots (GPA order, id index, host-range index, generation).
 //! - [`spte`]: the SPTE model and its counters.
 //! - [`Reader`]: `translate(gpa)` for one thread; [`SoftMemory`]: the writer.
-//! - [`compare`]: one commit run three ways (QEMU's calls, a planned batch, native primitives).
 
-pub mod compare;
 mod memory;
 pub mod rcu;
 mod reader;
-pub mod replay;
 pub mod set;
 pub mod spte;
-pub mod stress;
 mod sync;
 
-pub use compare::{
-    compare_commit, compare_trace, native_steps, CommitComparison, CompareOptions, NativeStep,
-    TraceComparison, WayReport,
-};
 pub use memory::{Outcome, SoftError, SoftMemory};
 pub use reader::{Access, Reader, Translation};

@@ -22,7 +22,8 @@ pub struct Spte {
 }
 
 /// Counters of the SPTE model and the read side.
-#[derive(Clone, Copy, PartialEq, Eq, Default, Debug, serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SpteCounters {
     /// Misses that went to the memslots (a page fault).
     pub faults: u64,
