@@ -315,7 +315,7 @@ impl DirtyCheck {
             for page in pages {
                 let now = [0, 4, 8, 12].map(|o| arena.read_u32(page + o));
                 let changed = self.snapshot.get(&page).is_some_and(|old| *old != now);
-                if changed && self.eligible.contains(&page) && !reported.contains(&page) {
+                if changed && self.eligible.contains(&page) && !reported.contains(page) {
                     self.lost += 1;
                 }
                 self.snapshot.insert(page, now);

@@ -37,9 +37,11 @@ fn backends() -> Option<(SlotUpdater, SoftMemory, Arc<Backing>)> {
             VcpuGate::with_signal(memslots_testkit::testvm::kick_signal()).expect("kick signal"),
         ),
     );
-    let backing = kvm.add_backing(
-        Backing::anonymous("arena", WorkloadKind::Mixed.arena_size()).expect("arena memory"),
-    );
+    let backing = kvm
+        .add_backing(
+            Backing::anonymous("arena", WorkloadKind::Mixed.arena_size()).expect("arena memory"),
+        )
+        .expect("register");
     Some((kvm, SoftMemory::new(limits), backing))
 }
 

@@ -384,7 +384,9 @@ fn a_device_snapshot_keeps_removed_memory_mapped_and_usable() {
     }
     let name = unique("snapshot");
     let (_vm, mut u) = updater();
-    let b = u.add_backing(Backing::memfd(&name, 4 * PAGE_SIZE, false).expect("memfd"));
+    let b = u
+        .add_backing(Backing::memfd(&name, 4 * PAGE_SIZE, false).expect("memfd"))
+        .expect("register");
     let (host, size) = (b.host(), b.size());
     let s = Slot {
         id: SlotId::new(0),
@@ -396,14 +398,19 @@ fn a_device_snapshot_keeps_removed_memory_mapped_and_usable() {
     u.apply(&[s.set_call()]).expect("slot");
     b.write_u32(host + 3 * PAGE_SIZE, PATTERN);
     drop(b);
-    let snapshot = u.device_memory().memory();
+    let snapshot = u.device_memory().expect("own view").memory();
     let cut = GuestAddress(GPA + 3 * PAGE_SIZE);
     u.apply_primitive(&Primitive::Shrink {
         id: s.id,
         size: PAGE_SIZE,
     })
     .expect("shrink");
-    assert!(u.device_memory().memory().read_obj::<u32>(cut).is_err());
+    assert!(u
+        .device_memory()
+        .expect("own view")
+        .memory()
+        .read_obj::<u32>(cut)
+        .is_err());
     u.apply(&[u.layout().slot(s.id).unwrap().delete_call()])
         .expect("delete");
     assert!(u.layout().is_empty());
@@ -465,7 +472,9 @@ fn memory_is_released_once_no_slot_refers_to_it_and_not_before() {
             VcpuGate::with_signal(memslots_testkit::testvm::kick_signal()).expect("kick signal"),
         ),
     );
-    let b = u.add_backing(Backing::memfd(&name, 2 * PAGE_SIZE, false).expect("memfd"));
+    let b = u
+        .add_backing(Backing::memfd(&name, 2 * PAGE_SIZE, false).expect("memfd"))
+        .expect("register");
     let (host, size) = (b.host(), b.size());
     drop(b);
     let s = Slot { host, ..s };
@@ -505,7 +514,9 @@ fn no_path_creates_a_slot_over_memory_the_library_does_not_own() {
         return;
     }
     let (_vm, mut u) = updater();
-    let owned = u.add_backing(Backing::anonymous("owned", 4 * PAGE_SIZE).expect("mmap"));
+    let owned = u
+        .add_backing(Backing::anonymous("owned", 4 * PAGE_SIZE).expect("mmap"))
+        .expect("register");
     let stranger = Backing::anonymous("stranger", 4 * PAGE_SIZE).expect("mmap");
     let end = owned.host() + owned.size();
     let at = |id: u16, gpa: u64, host: u64, pages: u64| Slot {
@@ -575,7 +586,7 @@ fn no_path_creates_a_slot_over_memory_the_library_does_not_own() {
     not_owned("grow", SlotBackend::apply_primitive(&mut u, &grow));
     assert_eq!(u.layout(), &layout);
     // The published device view never covered the unowned memory either.
-    let view = u.device_memory().memory();
+    let view = u.device_memory().expect("own view").memory();
     assert!(view
         .read_obj::<u32>(GuestAddress(base.gpa + 3 * PAGE_SIZE))
         .is_err());

@@ -27,7 +27,9 @@ fn updater() -> Option<SlotUpdater> {
 #[test]
 fn memfd_backing_is_seen_by_devices_through_the_published_view() {
     let Some(mut u) = updater() else { return };
-    let b = u.add_backing(Backing::memfd("ram", 1 << 20, false).expect("memfd"));
+    let b = u
+        .add_backing(Backing::memfd("ram", 1 << 20, false).expect("memfd"))
+        .expect("register");
     let slot = Slot {
         id: SlotId::new(0),
         gpa: 0x10_0000,
@@ -37,7 +39,7 @@ fn memfd_backing_is_seen_by_devices_through_the_published_view() {
     };
     u.apply(&[slot.set_call()]).expect("create");
     b.write_u32(b.host() + 0x2000, 0xfeed_f00d);
-    let view = u.device_memory().memory();
+    let view = u.device_memory().expect("own view").memory();
     let v: u32 = view.read_obj(GuestAddress(0x10_2000)).expect("mapped");
     assert_eq!(v, 0xfeed_f00d);
     // Removing the slot republishes the view without it; the old snapshot still reads (its
@@ -45,6 +47,7 @@ fn memfd_backing_is_seen_by_devices_through_the_published_view() {
     u.apply(&[slot.delete_call()]).expect("delete");
     assert!(u
         .device_memory()
+        .expect("own view")
         .memory()
         .read_obj::<u32>(GuestAddress(0x10_2000))
         .is_err());
@@ -61,13 +64,16 @@ fn hugetlb_backing_works_or_fails_with_a_clear_error() {
         Err(e @ (MemoryError::Memfd { .. } | MemoryError::Map { .. })) => {
             eprintln!("no huge pages here: {e}");
         }
+        Err(e) => panic!("not a mapping error: {e}"),
     }
 }
 
 #[test]
 fn a_slot_over_memory_the_library_does_not_own_is_refused_before_the_kernel() {
     let Some(mut u) = updater() else { return };
-    let owned = u.add_backing(Backing::anonymous("ram", 1 << 20).expect("mmap"));
+    let owned = u
+        .add_backing(Backing::anonymous("ram", 1 << 20).expect("mmap"))
+        .expect("register");
     let stranger = Backing::anonymous("not registered", 1 << 20).expect("mmap");
     let ioctls = u.ioctls();
     for host in [stranger.host(), owned.host() + (1 << 20) - 0x1000] {
@@ -118,7 +124,9 @@ fn dirty_log_errors_reach_the_caller_and_stop_the_batch() {
             VcpuGate::with_signal(memslots_testkit::testvm::kick_signal()).expect("kick signal"),
         ),
     );
-    let b = u.add_backing(Backing::anonymous("ram", 1 << 20).expect("ram"));
+    let b = u
+        .add_backing(Backing::anonymous("ram", 1 << 20).expect("ram"))
+        .expect("register");
     let logged = Slot {
         id: SlotId::new(0),
         gpa: 0x10_0000,

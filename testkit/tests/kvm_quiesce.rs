@@ -243,7 +243,9 @@ fn spin_vm_with(
 ) -> (Arc<Vm>, SlotUpdater, Vec<VcpuFd>, Arc<VcpuGate>) {
     let vm = Arc::new(Vm::new().expect("vm"));
     let mut updater = SlotUpdater::new(vm.clone(), gate.clone());
-    let ram = updater.add_backing(Backing::anonymous("ram", 1 << 20).expect("ram"));
+    let ram = updater
+        .add_backing(Backing::anonymous("ram", 1 << 20).expect("ram"))
+        .expect("register");
     ram.write_bytes(ram.host() + 0x1000, &OUT_THEN_SPIN);
     let gdt: Vec<u8> = memslots_testkit::guest::gdt()
         .iter()

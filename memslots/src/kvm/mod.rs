@@ -12,9 +12,10 @@ mod gate;
 mod memory;
 mod slots;
 mod updater;
+mod view;
 mod vm;
 
-pub use dirty::{DirtyLog, DirtyLogError};
+pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogError, DirtyPages};
 pub use gate::{
     GateVcpu, Kick, KickError, KickTarget, QuiesceTimes, Quiesced, SignalKick, VcpuGate, VcpuTicket,
 };
@@ -23,4 +24,5 @@ pub use slots::{FaultHook, SlotCallError, SlotTable};
 pub use updater::{
     ApplyError, ApplyPrimitiveError, ApplyStats, DirtyBits, Hold, SlotUpdater, UpdateObserver,
 };
+pub use view::ViewBitmap;
 pub use vm::{KvmError, SlotVm, Vm};

@@ -109,6 +109,11 @@ impl SlotTable {
         &mut self.layout
     }
 
+    /// The backing slot `raw` (address space in bits 16 and up) maps, if the slot exists.
+    pub fn backing(&self, raw: u32) -> Option<&Arc<Backing>> {
+        self.held.get(&raw)
+    }
+
     /// Slot ioctls made so far.
     pub fn ioctls(&self) -> u64 {
         self.ioctls

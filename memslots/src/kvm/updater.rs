@@ -4,22 +4,22 @@
 //! the per-backing dirty log and the device-side view, and parks the VMM's vCPUs through its
 //! [`VcpuGate`] only for the calls that need it.
 
-use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::SlotBackend;
 use crate::model::{
     Applied, BatchError, Change, Layout, Primitive, PrimitiveError, Slot, SlotCall,
 };
 
-use super::dirty::{DirtyLog, DirtyLogError};
+use super::dirty::{DirtyLog, DirtyLogError, DirtyPages};
 use super::gate::{QuiesceTimes, VcpuGate};
-use super::memory::{Backing, HostMemory};
+use super::memory::{Backing, HostMemory, MemoryError};
 use super::slots::{FaultHook, SlotCallError, SlotTable};
+use super::view::{self, Prepared, TypedView, View, ViewBitmap};
 use super::vm::SlotVm;
 
 /// Which calls of a batch run with the vCPUs held out.
@@ -119,40 +119,74 @@ pub struct SlotUpdater {
     slots: SlotTable,
     dirty: DirtyLog,
     gate: Arc<VcpuGate>,
-    device: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// Always `Some` but in `drop`.
+    view: Option<Box<dyn View>>,
+    /// The view `new` made, for [`SlotUpdater::device_memory`]; `None` with the VMM's own.
+    own_view: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     observer: Option<Arc<dyn UpdateObserver>>,
-    views_out: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for SlotUpdater {
     fn drop(&mut self) {
-        // A device thread may still hold a snapshot of the view, which points into the backings
-        // without owning them: once views were handed out, keep the memory mapped for good.
-        if self.views_out.load(std::sync::atomic::Ordering::Relaxed) {
-            std::mem::forget(std::mem::take(&mut self.memory));
+        // The slot table deletes every slot next: the view empties first, and whatever a reader
+        // still holds is released by the reaper once the reader lets go.
+        if let Some(mut view) = self.view.take() {
+            let empty = view.prepare(&[]);
+            view.publish(empty, &mut self.dirty);
+            view::reap(view);
         }
     }
 }
 
 impl SlotUpdater {
-    /// An updater for `vm`, parking vCPUs through `gate` (which the VMM's vCPU threads use).
+    /// An updater for `vm`, parking vCPUs through `gate` (which the VMM's vCPU threads use), with
+    /// a device view of its own ([`SlotUpdater::device_memory`]).
     pub fn new(vm: Arc<dyn SlotVm>, gate: Arc<VcpuGate>) -> Self {
+        let own = GuestMemoryAtomic::new(GuestMemoryMmap::default());
+        let mut updater = Self::with_view(vm, gate, own.clone());
+        updater.own_view = Some(own);
+        updater
+    }
+
+    /// An updater that keeps the VMM's own device view (`view`, address space 0) equal to the
+    /// slots. With `B = AtomicBitmap` the pages devices write through it are harvested with the
+    /// vCPUs' ([`SlotUpdater::dirty_pages`]); with `()` nothing is tracked. Whatever `view` held
+    /// is replaced by the (empty) layout at once.
+    pub fn with_view<B: ViewBitmap>(
+        vm: Arc<dyn SlotVm>,
+        gate: Arc<VcpuGate>,
+        view: GuestMemoryAtomic<GuestMemoryMmap<B>>,
+    ) -> Self {
         let slots = SlotTable::new(vm.clone());
-        SlotUpdater {
+        let mut updater = SlotUpdater {
             vm,
             memory: HostMemory::default(),
             slots,
             dirty: DirtyLog::default(),
             gate,
-            device: GuestMemoryAtomic::new(GuestMemoryMmap::default()),
+            view: Some(Box::new(TypedView::new(view))),
+            own_view: None,
             observer: None,
-            views_out: Default::default(),
-        }
+        };
+        updater.publish();
+        updater
     }
 
-    /// Adds host memory slots may map; it lives as long as the updater.
-    pub fn add_backing(&mut self, backing: Backing) -> Arc<Backing> {
-        self.memory.add(backing)
+    /// Registers host memory slots may map. Registered memory may not overlap.
+    pub fn add_backing(&mut self, backing: Backing) -> Result<Arc<Backing>, MemoryError> {
+        if let Some(other) = self.memory.overlapping(backing.host(), backing.size()) {
+            return Err(MemoryError::Overlap {
+                name: backing.name().to_owned(),
+                other: other.name().to_owned(),
+            });
+        }
+        Ok(self.memory.add(backing))
+    }
+
+    /// Unregisters memory: no new slot may map it. Slots and views that do keep it mapped until
+    /// they go. Returns whether it was registered.
+    pub fn remove_backing(&mut self, backing: &Arc<Backing>) -> bool {
+        self.memory.remove(backing)
     }
 
     /// Sets the observer told about every update.
@@ -175,12 +209,11 @@ impl SlotUpdater {
         &self.gate
     }
 
-    /// The device-side view of guest memory (address space 0), published with every batch inside
-    /// the same window as the slot calls.
-    pub fn device_memory(&self) -> &GuestMemoryAtomic<GuestMemoryMmap> {
-        self.views_out
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        &self.device
+    /// The device-side view of guest memory (address space 0) made by [`SlotUpdater::new`],
+    /// published with every batch inside the same window as the slot calls; `None` when the
+    /// updater keeps the VMM's own ([`SlotUpdater::with_view`]).
+    pub fn device_memory(&self) -> Option<&GuestMemoryAtomic<GuestMemoryMmap>> {
+        self.own_view.as_ref()
     }
 
     /// Sets (or clears) fault injection on slot calls.
@@ -193,13 +226,14 @@ impl SlotUpdater {
         self.slots.ioctls()
     }
 
-    /// Reads (and clears) the dirty bits of every logging slot, and returns and clears every
-    /// dirty host page collected since the last call, whatever slot it was in then. The VMM must
-    /// not call `KVM_GET_DIRTY_LOG` itself: the bits it read would be gone from here.
+    /// The harvest: reads (and clears) the dirty bits of every logging slot and of the device
+    /// view, and returns every page dirtied since the last call, by backing, whatever slot it was
+    /// in then. The VMM must not call `KVM_GET_DIRTY_LOG` itself: the bits it read would be gone
+    /// from here.
     ///
     /// On an error (the VM in dirty-ring mode, say) nothing is handed out: the bits already read
     /// are kept for the next call.
-    pub fn dirty_pages(&mut self) -> Result<BTreeSet<u64>, DirtyLogError> {
+    pub fn dirty_pages(&mut self) -> Result<DirtyPages, DirtyLogError> {
         let logging: Vec<Slot> = self
             .layout()
             .slots()
@@ -207,9 +241,22 @@ impl SlotUpdater {
             .copied()
             .collect();
         for slot in &logging {
-            self.dirty.collect(&*self.vm, slot)?;
+            self.collect(slot)?;
+        }
+        if let Some(view) = self.view.as_mut() {
+            view.drain(&mut self.dirty);
         }
         Ok(self.dirty.take())
+    }
+
+    /// Reads `slot`'s bitmap (the slot must exist) into its backing's.
+    fn collect(&mut self, slot: &Slot) -> Result<u64, DirtyLogError> {
+        let backing = self
+            .slots
+            .backing(slot.id.raw())
+            .expect("every slot holds its backing")
+            .clone();
+        self.dirty.collect(&*self.vm, slot, &backing)
     }
 
     /// Lowers a model primitive to raw calls and applies them atomically.
@@ -222,54 +269,34 @@ impl SlotUpdater {
     }
 
     /// The device-side view of `layout`: built outside any quiesce, so that inside one only the
-    /// swap happens. `None` when a slot maps memory the updater does not own (such a batch is
+    /// swap happens. `None` when a slot maps memory that is not registered (such a batch is
     /// refused by the slot table before any view is needed).
-    fn view_of(&self, layout: &Layout) -> Option<GuestMemoryMmap> {
-        let mut regions = Vec::new();
+    fn view_of(&self, layout: &Layout) -> Option<Prepared> {
+        let mut slots = Vec::new();
         for slot in layout.slots_by_gpa(0) {
-            let prot = if slot.flags.readonly() {
-                libc::PROT_READ
-            } else {
-                libc::PROT_READ | libc::PROT_WRITE
-            };
-            let backing = self.memory.owner(slot.host, slot.size)?;
-            // SAFETY: the range lies inside `backing`, which is never unmapped while a view built
-            // here may be alive: backings live as long as the updater, and once views have been
-            // handed out the updater's `Drop` leaks them instead of unmapping them.
-            let region = unsafe {
-                MmapRegion::build_raw(
-                    backing.ptr(slot.host),
-                    slot.size as usize,
-                    prot,
-                    libc::MAP_SHARED,
-                )
-            };
-            let region = region
-                .ok()
-                .and_then(|r| GuestRegionMmap::new(r, GuestAddress(slot.gpa)))
-                .expect("a page-aligned range of owned memory maps");
-            regions.push(region);
+            // The slot's own backing if it exists now (its memory may be unregistered since).
+            let held = self
+                .slots
+                .backing(slot.id.raw())
+                .filter(|_| self.slots.layout().slot(slot.id) == Some(slot));
+            let backing = held.or_else(|| self.memory.owner(slot.host, slot.size))?;
+            slots.push((*slot, backing.clone()));
         }
-        // vm-memory refuses an empty collection: no slot is the empty view.
-        Some(if regions.is_empty() {
-            GuestMemoryMmap::default()
-        } else {
-            GuestMemoryMmap::from_regions(regions).expect("slots of one space never overlap")
-        })
+        Some(self.view.as_ref()?.prepare(&slots))
     }
 
     /// Swaps `view` in.
-    fn swap_view(&self, view: GuestMemoryMmap) {
-        self.device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(view);
+    fn swap_view(&mut self, view: Prepared) {
+        if let Some(v) = self.view.as_mut() {
+            v.publish(view, &mut self.dirty);
+        }
     }
 
     /// Builds the view of the current layout and swaps it in.
-    pub(crate) fn publish(&self) {
-        let view = self.view_of(self.slots.layout());
-        self.swap_view(view.expect("the slot table only maps owned memory"));
+    pub(crate) fn publish(&mut self) {
+        if let Some(view) = self.view_of(self.slots.layout()) {
+            self.swap_view(view);
+        }
     }
 
     /// Applies `calls` (in order) as one atomic update: vCPUs are held out only for the calls
@@ -327,9 +354,7 @@ impl SlotUpdater {
                 if before.slot(slot.id) != Some(&slot) {
                     continue;
                 }
-                self.dirty
-                    .collect(&*self.vm, &slot)
-                    .map_err(ApplyError::DirtyLog)?;
+                self.collect(&slot).map_err(ApplyError::DirtyLog)?;
             }
         }
         // Device views, built before any vCPU is held out: the layout at the window's end (if
@@ -406,7 +431,7 @@ impl SlotUpdater {
             // the batch rolls back like a failed call.
             let unread = (dirty == DirtyBits::Keep && loses_dirty_bits(&preview[i]))
                 .then(|| preview[i].before.expect("has an old slot"))
-                .and_then(|slot| self.dirty.collect(&*self.vm, &slot).err());
+                .and_then(|slot| self.collect(&slot).err());
             let result = match unread {
                 Some(e) => Err(SlotCallError::DirtyLog {
                     call: *call,
@@ -427,8 +452,11 @@ impl SlotUpdater {
                         if let Some(made) = a.after.filter(|s| s.flags.log_dirty()) {
                             // The rollback cannot stop: a bitmap it cannot read counts as all
                             // dirty, so no page is lost.
-                            if self.dirty.collect(&*self.vm, &made).is_err() {
-                                self.dirty.mark_all(&made);
+                            if self.collect(&made).is_err() {
+                                let backing = self.slots.backing(made.id.raw()).cloned();
+                                if let Some(b) = backing {
+                                    self.dirty.mark_all(&made, &b);
+                                }
                             }
                         }
                         let undo = inverse(a);
@@ -467,9 +495,9 @@ impl SlotUpdater {
 /// The device views an apply swaps in, built before it starts.
 struct Views {
     /// The layout at the end of the quiesce window, when calls follow it.
-    mid: Option<GuestMemoryMmap>,
+    mid: Option<Prepared>,
     /// The layout after the last call.
-    last: Option<GuestMemoryMmap>,
+    last: Option<Prepared>,
 }
 
 /// Whether a change drops the slot's dirty bitmap (or might: a MOVE is treated alike).

@@ -1,6 +1,5 @@
 //! A VM running the embedded test guest on vCPU threads, over a [`SlotUpdater`].
 
-use std::collections::BTreeSet;
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,8 +11,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use memslots::model::{Layout, Slot, SlotCall, SlotFlags, SlotId};
 
 use memslots::kvm::{
-    ApplyError, ApplyStats, Backing, DirtyLogError, KickError, KvmError, MemoryError, SlotUpdater,
-    VcpuGate, Vm,
+    ApplyError, ApplyStats, Backing, DirtyLogError, DirtyPages, KickError, KvmError, MemoryError,
+    SlotUpdater, VcpuGate, Vm,
 };
 
 use crate::faults::FaultInjector;
@@ -171,12 +170,16 @@ impl TestVm {
         let vm = Arc::new(Vm::new()?);
         let gate = Arc::new(VcpuGate::with_signal(kick_signal())?);
         let mut updater = SlotUpdater::new(vm.clone(), gate.clone());
-        let private = updater.add_backing(
-            Backing::anonymous("private", guest::PRIVATE_SIZE).map_err(TestVmError::Memory)?,
-        );
-        let arena = updater.add_backing(
-            Backing::anonymous("arena", config.arena_size).map_err(TestVmError::Memory)?,
-        );
+        let private = updater
+            .add_backing(
+                Backing::anonymous("private", guest::PRIVATE_SIZE).map_err(TestVmError::Memory)?,
+            )
+            .map_err(TestVmError::Memory)?;
+        let arena = updater
+            .add_backing(
+                Backing::anonymous("arena", config.arena_size).map_err(TestVmError::Memory)?,
+            )
+            .map_err(TestVmError::Memory)?;
         let code = guest::code(base).map_err(|e| TestVmError::Assemble(e.to_string()))?;
         private.write_bytes(private.host() + guest::CODE, &code);
         let gdt: Vec<u8> = guest::gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
@@ -255,7 +258,10 @@ impl TestVm {
 
     /// The device-side view of guest memory (address space 0), published with every batch.
     pub fn device_memory(&self) -> GuestMemoryAtomic<GuestMemoryMmap> {
-        self.updater().device_memory().clone()
+        self.updater()
+            .device_memory()
+            .expect("a TestVm's updater makes its own view")
+            .clone()
     }
 
     /// Sets (or clears) fault injection on slot calls.
@@ -371,7 +377,7 @@ impl TestVm {
 
     /// Reads (and clears) the dirty bits of every logging slot, and returns and clears every
     /// dirty host page collected since the last call, whatever slot it was in then.
-    pub fn dirty_pages(&mut self) -> Result<BTreeSet<u64>, DirtyLogError> {
+    pub fn dirty_pages(&mut self) -> Result<DirtyPages, DirtyLogError> {
         self.updater().dirty_pages()
     }
 
