@@ -3,8 +3,8 @@
 //! here for `kvm_ioctls::VmFd` (a VMM's own VM fd) and for [`Vm`] (one memslots creates).
 
 use kvm_bindings::{
-    kvm_userspace_memory_region, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_GPA_BITS,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_userspace_memory_region, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_GPA_BITS, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
@@ -44,6 +44,32 @@ pub trait SlotVm: Send + Sync + std::fmt::Debug {
     /// `size` bytes; `Err` carries the kernel's errno (`ENOENT` when the slot does not exist or
     /// does not log dirty pages).
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32>;
+
+    /// The largest dirty ring per vCPU the kernel allows, in bytes (0: none).
+    fn dirty_ring_max(&self) -> u32 {
+        0
+    }
+
+    /// Puts the VM in dirty-ring mode with rings of `bytes` per vCPU (before any vCPU exists).
+    fn enable_dirty_ring(&self, _bytes: u32) -> Result<(), i32> {
+        Err(libc::ENOTTY)
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`: re-protects the pages of harvested ring entries and frees them.
+    fn reset_dirty_rings(&self) -> Result<u32, i32> {
+        Err(libc::ENOTTY)
+    }
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
+
+/// The dirty-ring capability to enable: the acquire/release one where the kernel has it.
+fn ring_cap(vm: &VmFd) -> Option<(u32, u32)> {
+    [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING]
+        .into_iter()
+        .map(|cap| (cap, vm.check_extension_raw(cap.into())))
+        .find(|&(_, max)| max > 0)
+        .map(|(cap, max)| (cap, u32::try_from(max).unwrap_or(u32::MAX)))
 }
 
 impl SlotVm for VmFd {
@@ -64,6 +90,30 @@ impl SlotVm for VmFd {
         self.get_dirty_log(slot, size as usize)
             .map_err(|e| e.errno())
     }
+
+    fn dirty_ring_max(&self) -> u32 {
+        ring_cap(self).map_or(0, |(_, max)| max)
+    }
+
+    fn enable_dirty_ring(&self, bytes: u32) -> Result<(), i32> {
+        let (cap, _) = ring_cap(self).ok_or(libc::EINVAL)?;
+        let enable = kvm_bindings::kvm_enable_cap {
+            cap,
+            args: [u64::from(bytes), 0, 0, 0],
+            ..Default::default()
+        };
+        self.enable_cap(&enable).map_err(|e| e.errno())
+    }
+
+    fn reset_dirty_rings(&self) -> Result<u32, i32> {
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches the VM's own rings.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl(self, KVM_RESET_DIRTY_RINGS()) };
+        if ret < 0 {
+            Err(vmm_sys_util::errno::Error::last().errno())
+        } else {
+            Ok(ret as u32)
+        }
+    }
 }
 
 impl<T: SlotVm + ?Sized> SlotVm for std::sync::Arc<T> {
@@ -78,6 +128,18 @@ impl<T: SlotVm + ?Sized> SlotVm for std::sync::Arc<T> {
 
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
         (**self).dirty_log(slot, size)
+    }
+
+    fn dirty_ring_max(&self) -> u32 {
+        (**self).dirty_ring_max()
+    }
+
+    fn enable_dirty_ring(&self, bytes: u32) -> Result<(), i32> {
+        (**self).enable_dirty_ring(bytes)
+    }
+
+    fn reset_dirty_rings(&self) -> Result<u32, i32> {
+        (**self).reset_dirty_rings()
     }
 }
 
@@ -141,6 +203,18 @@ impl SlotVm for Vm {
 
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
         Vm::dirty_log(self, slot, size)
+    }
+
+    fn dirty_ring_max(&self) -> u32 {
+        self.fd.dirty_ring_max()
+    }
+
+    fn enable_dirty_ring(&self, bytes: u32) -> Result<(), i32> {
+        self.fd.enable_dirty_ring(bytes)
+    }
+
+    fn reset_dirty_rings(&self) -> Result<u32, i32> {
+        self.fd.reset_dirty_rings()
     }
 }
 
