@@ -172,3 +172,16 @@ fn memory_registered_raw_is_checked_and_may_not_overlap() {
     assert!(u.apply(&[outside.set_call()]).is_err());
     assert!(u.layout().is_empty());
 }
+
+#[test]
+fn memory_mapped_read_only_is_refused() {
+    let ro = vm_memory::mmap::MmapRegionBuilder::<()>::new(PAGE_SIZE as usize)
+        .with_mmap_prot(libc::PROT_READ)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+        .build()
+        .expect("mmap");
+    assert!(matches!(
+        Backing::from_mmap_region("ro", Arc::new(ro)),
+        Err(MemoryError::NotWritable { .. })
+    ));
+}

@@ -53,6 +53,9 @@ pub enum RingError {
     /// `KVM_ENABLE_CAP` failed (after a vCPU exists, for one).
     #[error("enabling the dirty ring failed with errno {0} (it must be enabled before any vCPU)")]
     Enable(i32),
+    /// The vCPU's ring is mapped already.
+    #[error("vCPU {0}'s dirty ring is mapped already")]
+    Twice(usize),
     /// Mapping a vCPU's ring failed.
     #[error("mapping vCPU {index}'s dirty ring")]
     Map {
@@ -66,6 +69,7 @@ pub enum RingError {
 
 /// One vCPU's ring, mapped from its fd.
 struct RingMap {
+    index: usize,
     entries: NonNull<kvm_dirty_gfn>,
     count: u32,
     /// The next entry to harvest (the kernel's and ours move in step).
@@ -152,6 +156,9 @@ impl DirtyRing {
 
     /// Maps vCPU `index`'s ring (call once per vCPU, right after creating it).
     pub fn add_vcpu(&self, index: usize, vcpu: &kvm_ioctls::VcpuFd) -> Result<(), RingError> {
+        if self.lock().rings.iter().any(|r| r.index == index) {
+            return Err(RingError::Twice(index));
+        }
         // SAFETY: maps the vCPU fd's ring pages shared, at the offset KVM documents; the kernel
         // keeps them alive while the mapping exists, whatever happens to `vcpu`.
         let p = unsafe {
@@ -173,6 +180,7 @@ impl DirtyRing {
         let entries = NonNull::new(p.cast()).expect("mmap never returns null on success");
         let count = self.bytes / std::mem::size_of::<kvm_dirty_gfn>() as u32;
         self.lock().rings.push(RingMap {
+            index,
             entries,
             count,
             fetch: 0,
