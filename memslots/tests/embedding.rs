@@ -48,6 +48,8 @@ fn slot(id: u16, gpa: u64, size: u64, host: u64, flags: SlotFlags) -> Slot {
         size,
         host,
         flags,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 

@@ -45,6 +45,8 @@ fn slot(id: u16, gpa: u64, host: u64, flags: SlotFlags) -> Slot {
         size: MIB,
         host,
         flags,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 

@@ -60,6 +60,8 @@ impl Rig {
             size,
             host: mem.host(),
             flags: SlotFlags::LOG_DIRTY_PAGES,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         };
         updater.apply(&[slot.set_call()])?;
         let vcpu = vm.fd().create_vcpu(0)?;

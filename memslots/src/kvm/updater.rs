@@ -226,6 +226,11 @@ impl SlotUpdater {
         self.memory.remove(backing)
     }
 
+    /// Tells the model about a guest_memfd of this VM: [`SlotTable::add_guest_memfd`].
+    pub fn add_guest_memfd(&mut self, fd: u32, size: u64) {
+        self.slots.add_guest_memfd(fd, size);
+    }
+
     /// Sets the observer told about every update.
     pub fn set_observer(&mut self, observer: Arc<dyn UpdateObserver>) {
         self.observer = Some(observer);

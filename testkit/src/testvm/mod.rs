@@ -203,6 +203,8 @@ impl TestVm {
             size: guest::PRIVATE_SIZE - guest::SLOT,
             host: private.host() + guest::SLOT,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         };
         updater
             .apply(&[private_slot.set_call()])
