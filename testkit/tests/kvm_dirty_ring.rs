@@ -13,6 +13,10 @@ const MIB: u64 = 1 << 20;
 const GPA: u64 = 0x1000_0000;
 /// Where slot A moves to.
 const MOVED: u64 = GPA + 8 * MIB;
+/// Where A's memory goes, under id 1, when the ids are swapped: no probe there, so the pages the
+/// guest wrote before the swap are not written again after it, and only their ring entries
+/// (pushed under id 0) can report them.
+const PARKED: u64 = GPA + 16 * MIB;
 
 /// A TestVm in ring mode, or `None` (said loudly) without `/dev/kvm` or a dirty ring.
 fn ring_vm() -> Option<TestVm> {
@@ -38,6 +42,22 @@ fn ring_vm() -> Option<TestVm> {
     }
 }
 
+/// Waits until every vCPU has gone over all its probes `more` more times: the guest has written
+/// every probed page since the caller's last step, whatever the machine's load.
+fn wait_for_writes(vm: &TestVm, more: u64) {
+    let rounds = |vm: &TestVm| (0..2).map(|i| vm.vcpu_rounds(i)).min().unwrap_or(0);
+    let target = rounds(vm) + more;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while rounds(vm) < target {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest stopped making rounds: {:?}",
+            vm.first_problem()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 fn slot(id: u16, gpa: u64, host: u64, flags: SlotFlags) -> Slot {
     Slot {
         id: SlotId::new(id),
@@ -60,11 +80,14 @@ fn changes_between_harvests(strategy: Strategy) -> Option<(u64, u64, u64)> {
     let b = slot(1, GPA + MIB, h + MIB, log);
     vm.apply(&[a.set_call(), b.set_call()], Strategy::Atomic)
         .expect("initial slots");
-    // Every 8th page of both halves, at its GPA and at A's moved GPA: writes go on wherever the
-    // memory is mapped.
+    // Every 8th page of both halves (A's from its first page, B's from its fourth: an entry
+    // translated through the other slot marks a page nobody wrote), at its GPA and at A's moved
+    // GPA: writes go on wherever the memory is mapped.
     let mut probes = Vec::new();
-    for p in (0..2 * MIB / PAGE_SIZE).step_by(8) {
+    for p in (0..MIB / PAGE_SIZE).step_by(8) {
         probes.push((GPA + p * PAGE_SIZE, h + p * PAGE_SIZE));
+        let q = MIB / PAGE_SIZE + p + 3;
+        probes.push((GPA + q * PAGE_SIZE, h + q * PAGE_SIZE));
     }
     for p in (0..MIB / PAGE_SIZE).step_by(8) {
         probes.push((MOVED + p * PAGE_SIZE, h + p * PAGE_SIZE));
@@ -78,9 +101,10 @@ fn changes_between_harvests(strategy: Strategy) -> Option<(u64, u64, u64)> {
         flags: SlotFlags::NONE,
         ..b
     };
-    // Ids swapped: id 0 maps B's memory, id 1 A's.
+    // Ids swapped: id 0 maps B's memory, id 1 A's (parked).
     let a_as_1 = Slot {
         id: SlotId::new(1),
+        gpa: PARKED,
         ..a
     };
     let b_as_0 = Slot {
@@ -115,11 +139,13 @@ fn changes_between_harvests(strategy: Strategy) -> Option<(u64, u64, u64)> {
     ];
     for round in 0..3 {
         for (what, calls) in &steps {
-            std::thread::sleep(std::time::Duration::from_millis(15));
+            // Writes racing each change: every page written since the last harvest, then the
+            // change, then more writes before the next harvest.
+            wait_for_writes(&vm, 2);
             vm.apply(calls, strategy)
                 .unwrap_or_else(|e| panic!("round {round}, {what}: {e}"));
             check.after_update(&vm.layout());
-            std::thread::sleep(std::time::Duration::from_millis(15));
+            wait_for_writes(&vm, 2);
             check.harvest(&mut vm).expect("harvest");
         }
     }
