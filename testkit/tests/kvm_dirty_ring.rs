@@ -111,7 +111,22 @@ fn changes_between_harvests(strategy: Strategy) -> Option<(u64, u64, u64)> {
         id: SlotId::new(0),
         ..b
     };
+    // A's memory under a new id, parked: no range overlaps, so QEMU holds nobody out and reaps
+    // with the vCPUs running before the delete.
+    let a_as_2 = Slot {
+        id: SlotId::new(2),
+        gpa: PARKED,
+        ..a
+    };
     let steps: Vec<(&str, Vec<SlotCall>)> = vec![
+        (
+            "A's memory under id 2",
+            vec![a.delete_call(), a_as_2.set_call()],
+        ),
+        (
+            "A back under id 0",
+            vec![a_as_2.delete_call(), a.set_call()],
+        ),
         ("delete A", vec![a.delete_call()]),
         ("A again under the same id", vec![a.set_call()]),
         ("move A", vec![moved.set_call()]),
@@ -167,6 +182,18 @@ fn every_change_between_two_harvests_keeps_every_page_in_ring_mode() {
     assert!(reported > 0, "the guest's writes were harvested");
     assert_eq!(lost, 0, "{lost} dirty pages lost across the changes");
     assert_eq!(untranslated, 0, "ring entries met an id no slot had");
+}
+
+#[test]
+fn qemus_reap_with_vcpus_running_is_measured() {
+    // QEMU reaps before a delete without holding anyone out when no deleted range overlaps an
+    // added one: a page written between that reap and the delete is in an entry of a slot id that
+    // is gone. Whether a run catches such a write is timing; the figure is printed, not judged.
+    let Some((lost, reported, untranslated)) = changes_between_harvests(Strategy::Qemu) else {
+        return;
+    };
+    assert!(reported > 0);
+    eprintln!("qemu in ring mode: {lost} pages lost, {untranslated} entries untranslated");
 }
 
 #[test]
