@@ -107,6 +107,8 @@ pub struct DirtyRing {
     state: Mutex<State>,
     /// Entries that named an id no logging slot had: 0 unless the rule above was broken.
     untranslated: AtomicU64,
+    /// Reaps that found a ring full (and so counted every logging page dirty).
+    overflows: AtomicU64,
     reaps: AtomicU64,
 }
 
@@ -141,6 +143,7 @@ impl DirtyRing {
                 log: DirtyLog::default(),
             }),
             untranslated: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
             reaps: AtomicU64::new(0),
         }))
     }
@@ -196,7 +199,9 @@ impl DirtyRing {
         let mut state = self.lock();
         let State { rings, slots, log } = &mut *state;
         let mut n = 0;
+        let mut wrapped = false;
         for ring in rings.iter_mut() {
+            let mut in_ring = 0u32;
             loop {
                 let i = (ring.fetch % ring.count) as usize;
                 // SAFETY: `i < count`, inside the mapping; the flags word is read and written
@@ -221,6 +226,21 @@ impl DirtyRing {
                 flags.store(F_RESET, Ordering::Release);
                 ring.fetch = ring.fetch.wrapping_add(1);
                 n += 1;
+                in_ring += 1;
+                if in_ring == ring.count {
+                    break;
+                }
+            }
+            // KVM stops a vCPU before its ring is full (soft limit); a ring found full was pushed
+            // past it and may have wrapped over entries never seen (nested PVM does that when the
+            // guest keeps faulting). Which pages those were is unknowable: count every page of
+            // every logging slot as dirty, so that none is lost.
+            wrapped |= in_ring == ring.count;
+        }
+        if wrapped {
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            for (s, backing) in slots.values() {
+                log.mark_all(s, backing);
             }
         }
         if n > 0 {
@@ -260,6 +280,12 @@ impl DirtyRing {
     /// reaped before it changed; the `naive` and `qemu` strategies break that).
     pub fn untranslated(&self) -> u64 {
         self.untranslated.load(Ordering::Relaxed)
+    }
+
+    /// Reaps that found a ring full, which KVM's soft limit should prevent: its entries may have
+    /// wrapped over unseen ones, so every page of every logging slot was counted dirty.
+    pub fn overflows(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
     }
 
     /// Reaps so far.
