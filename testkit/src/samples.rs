@@ -11,7 +11,7 @@
 //! ```
 //! use memslots::model::{Change, Layout, Limits};
 //! use memslots::planner::{plan, plan_with, CutPolicy};
-//! use memslots::samples;
+//! use memslots_testkit::samples;
 //!
 //! let mut layout = Layout::new(Limits::default());
 //! let boot = plan_with(&layout, &samples::planner_grid(8)?, &CutPolicy::x86_pc())?;

@@ -31,7 +31,7 @@ pub struct Micros {
 /// Durations in microseconds, summarized in constant memory.
 ///
 /// ```
-/// use memslots::stats::Samples;
+/// use memslots_testkit::stats::Samples;
 /// let mut s = Samples::new();
 /// for us in [0.0, 0.0, 10.0, 20.0, 1000.0] {
 ///     s.push(us);

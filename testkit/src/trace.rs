@@ -92,7 +92,7 @@ impl Trace {
     /// Parses trace text.
     ///
     /// ```
-    /// use memslots::trace::Trace;
+    /// use memslots_testkit::trace::Trace;
     /// let t = Trace::parse("kvm_set_user_memory Slot#2 flags=0x2 gpa=0xc0000 size=0x20000 \
     ///                       ua=0x7f92c9400000 ret=0\nsome_other_event x=1\n").unwrap();
     /// assert_eq!(t.calls.len(), 1);
