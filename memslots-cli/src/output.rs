@@ -18,9 +18,31 @@ pub fn chain(err: &(dyn Error + 'static)) -> String {
 }
 
 /// Prints `value` as one line of JSON on stdout (the last line, which tools read).
+///
+/// Written as it is serialized, not built as a string first: a long trace's plan is megabytes of
+/// JSON. Write errors end the process as [`print_line`]'s do.
 pub fn json_line<T: Serialize>(value: &T) -> Result<(), Box<dyn Error>> {
-    println!("{}", serde_json::to_string(value)?);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if let Err(e) = serde_json::to_writer(&mut out, value) {
+        if !e.is_io() {
+            return Err(e.into());
+        }
+        write_failed(&e.into());
+    }
+    if let Err(e) = out.write_all(b"\n").and_then(|()| out.flush()) {
+        write_failed(&e);
+    }
     Ok(())
+}
+
+/// Ends the process after stdout failed: quietly (status 0) when the reader closed the pipe, with
+/// the cause on stderr (status 2) otherwise.
+fn write_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    let _ = writeln!(std::io::stderr(), "memslots: cannot write to stdout: {e}");
+    std::process::exit(2);
 }
 
 /// Writes one line to stdout; what the crate's `println!` expands to.
@@ -32,11 +54,7 @@ pub fn print_line(args: std::fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();
     let result = out.write_fmt(args).and_then(|()| out.write_all(b"\n"));
     if let Err(e) = result {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        let _ = writeln!(std::io::stderr(), "memslots: cannot write to stdout: {e}");
-        std::process::exit(2);
+        write_failed(&e);
     }
 }
 

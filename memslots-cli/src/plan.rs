@@ -7,9 +7,11 @@ use std::process::ExitCode;
 
 use memslots::model::{Layout, Limits};
 use memslots::planner::{plan_with, CutPolicy, MemoryMap, Plan};
-use memslots_testkit::replay::{qemu_equivalent, replay, QemuFigures, Totals};
+use memslots_testkit::replay::{
+    qemu_equivalent, PlannedCommit, PlannedCommits, QemuFigures, ReplayError, Totals,
+};
 use memslots_testkit::svg::{render, Frame};
-use memslots_testkit::trace::Trace;
+use memslots_testkit::trace::TraceReader;
 use serde::Serialize;
 
 use crate::output::json_line;
@@ -67,27 +69,30 @@ struct Report {
     qemu_zapped_bytes: u64,
 }
 
-impl Report {
-    fn new(plans: &[&Plan], totals: Totals) -> Self {
-        Report {
-            transactions: plans
+impl Transaction {
+    fn of(plan: &Plan) -> Self {
+        Transaction {
+            ops: plan
+                .calls
                 .iter()
-                .map(|p| Transaction {
-                    ops: p
-                        .calls
-                        .iter()
-                        .map(|c| Op {
-                            slot: c.call.slot,
-                            flags: c.call.flags,
-                            gpa: c.call.gpa,
-                            size: c.call.size,
-                            ua: c.call.host,
-                            quiesced: c.quiesced,
-                            drops_dirty_bitmap: c.drops_dirty_bitmap,
-                        })
-                        .collect(),
+                .map(|c| Op {
+                    slot: c.call.slot,
+                    flags: c.call.flags,
+                    gpa: c.call.gpa,
+                    size: c.call.size,
+                    ua: c.call.host,
+                    quiesced: c.quiesced,
+                    drops_dirty_bitmap: c.drops_dirty_bitmap,
                 })
                 .collect(),
+        }
+    }
+}
+
+impl Report {
+    fn new(transactions: Vec<Transaction>, totals: Totals) -> Self {
+        Report {
+            transactions,
             ioctls: totals.ioctls,
             quiesced_ioctls: totals.quiesced_ioctls,
             zapped_bytes: totals.zapped_bytes,
@@ -141,28 +146,93 @@ fn row(name: &str, lines: &str, plan: (usize, usize, u64), qemu: QemuFigures) {
     );
 }
 
+/// One commit's row of the table: a few numbers, so a long trace's table costs no maps.
+struct Row {
+    first_line: usize,
+    last_line: usize,
+    plan: (usize, usize, u64),
+    qemu: QemuFigures,
+}
+
+/// The frames `--svg` draws, kept only while they fit its bounds; past them only counted, for
+/// the error.
+#[derive(Default)]
+struct SvgFrames {
+    frames: Vec<(String, MemoryMap, MemoryMap, Plan)>,
+    commits: usize,
+    items: usize,
+}
+
+impl SvgFrames {
+    fn push(&mut self, before: &MemoryMap, after: &MemoryMap, commit: &PlannedCommit) {
+        self.commits += 1;
+        self.items += before.len() + after.len() + commit.plan.calls.len();
+        if self.commits > SVG_MAX_FRAMES || self.items > SVG_MAX_ITEMS {
+            // Too large to draw: keep counting, drop what was kept.
+            self.frames = Vec::new();
+            return;
+        }
+        let title = format!(
+            "commit {}, trace lines {}-{}",
+            self.commits, commit.commit.first_line, commit.commit.last_line
+        );
+        self.frames
+            .push((title, before.clone(), after.clone(), commit.plan.clone()));
+    }
+}
+
+/// Streams the trace's commits through the planner, each planned from the part of the map it
+/// changed (no map per commit). What is kept grows only with the output: a row per commit (the header, printed first, says
+/// how many commits there were and that every plan matched, so the table waits for the end),
+/// the ops for `--json`, and `--svg`'s bounded frames.
 fn run_trace(path: &Path, policy: &CutPolicy, args: &Args) -> Result<ExitCode, Box<dyn Error>> {
-    let trace = Trace::from_file(path)?;
-    let run = replay(&trace, Limits::default(), policy)
-        .map_err(|e| format!("{}: {}", path.display(), crate::output::chain(&e)))?;
-    let totals = run.totals();
-    println!(
-        "trace {}: {} calls in {} commits; every plan maps exactly like QEMU's layout",
-        path.display(),
-        trace.calls.len(),
-        run.commits.len()
-    );
-    header();
-    for (i, c) in run.commits.iter().enumerate() {
-        row(
-            &(i + 1).to_string(),
-            &format!("{}-{}", c.commit.first_line, c.commit.last_line),
-            (
+    let reader = TraceReader::open(path)?;
+    let mut stream = PlannedCommits::new(reader, Limits::default(), policy);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut transactions: Vec<Transaction> = Vec::new();
+    let mut svg = args.svg.as_ref().map(|_| SvgFrames::default());
+    // The map before the commit, kept only for the drawing.
+    let mut before = MemoryMap::default();
+    while let Some(planned) = stream.next() {
+        let c = planned.map_err(|e| match e {
+            // Already says FILE:LINE.
+            ReplayError::Trace(e) => Box::<dyn Error>::from(e),
+            e => format!("{}: {}", path.display(), crate::output::chain(&e)).into(),
+        })?;
+        rows.push(Row {
+            first_line: c.commit.first_line,
+            last_line: c.commit.last_line,
+            plan: (
                 c.plan.ioctls(),
                 c.plan.quiesced_ioctls(),
                 c.plan.zapped_bytes(),
             ),
-            c.commit.qemu,
+            qemu: c.commit.qemu,
+        });
+        if args.json {
+            transactions.push(Transaction::of(&c.plan));
+        }
+        if let Some(svg) = &mut svg {
+            // The maps cost time in the layout's size per commit: only for a drawing.
+            let after = stream.target();
+            svg.push(&before, &after, &c);
+            before = after;
+        }
+    }
+    let totals = stream.totals();
+    println!(
+        "trace {}: {} calls in {} commits; every plan maps exactly like QEMU's layout",
+        path.display(),
+        stream.calls_read(),
+        rows.len()
+    );
+    header();
+    for (i, r) in rows.iter().enumerate() {
+        row(
+            &(i + 1).to_string(),
+            &format!("{}-{}", r.first_line, r.last_line),
+            r.plan,
+            r.qemu,
         );
     }
     row(
@@ -171,42 +241,22 @@ fn run_trace(path: &Path, policy: &CutPolicy, args: &Args) -> Result<ExitCode, B
         (totals.ioctls, totals.quiesced_ioctls, totals.zapped_bytes),
         totals.qemu,
     );
-    if let Some(svg) = &args.svg {
-        svg_fits(
-            run.commits.len(),
-            run.commits
-                .iter()
-                .map(|c| c.before.len() + c.commit.target.len() + c.plan.calls.len()),
-        )?;
-        let titles: Vec<String> = run
-            .commits
+    if let (Some(svg), Some(file)) = (svg, &args.svg) {
+        svg_fits(svg.commits, svg.items)?;
+        let frames: Vec<Frame<'_>> = svg
+            .frames
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                format!(
-                    "commit {}, trace lines {}-{}",
-                    i + 1,
-                    c.commit.first_line,
-                    c.commit.last_line
-                )
-            })
-            .collect();
-        let frames: Vec<Frame<'_>> = run
-            .commits
-            .iter()
-            .zip(&titles)
-            .map(|(c, title)| Frame {
+            .map(|(title, before, after, plan)| Frame {
                 title,
-                before: &c.before,
-                after: &c.commit.target,
-                plan: &c.plan,
+                before,
+                after,
+                plan,
             })
             .collect();
-        write_svg(svg, &render(&frames))?;
+        write_svg(file, &render(&frames))?;
     }
     if args.json {
-        let plans: Vec<&Plan> = run.commits.iter().map(|c| &c.plan).collect();
-        json_line(&Report::new(&plans, totals))?;
+        json_line(&Report::new(transactions, totals))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -275,7 +325,7 @@ fn run_maps(
             zapped_bytes: plan.zapped_bytes(),
             qemu,
         };
-        json_line(&Report::new(&[&plan], totals))?;
+        json_line(&Report::new(vec![Transaction::of(&plan)], totals))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -287,8 +337,7 @@ const SVG_MAX_ITEMS: usize = 100_000;
 
 /// Refuses, with a clear error, an SVG of `frames` frames drawing `items` (regions before and
 /// after, and calls, per frame) past the bounds, before anything is rendered.
-fn svg_fits(frames: usize, items: impl Iterator<Item = usize>) -> Result<(), Box<dyn Error>> {
-    let items: usize = items.sum();
+fn svg_fits(frames: usize, items: usize) -> Result<(), Box<dyn Error>> {
     if frames > SVG_MAX_FRAMES || items > SVG_MAX_ITEMS {
         return Err(format!(
             "--svg: the trace is too large to draw ({frames} commits, {items} regions and calls; \

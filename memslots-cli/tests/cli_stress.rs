@@ -133,9 +133,16 @@ fn bench_json_has_the_contract_names_each_with_baseline_and_ratio() {
     assert!(j["machine"]["cores"].as_u64().unwrap() > 0);
     let results = j["results"].as_array().expect("results");
     let mut names = std::collections::BTreeSet::new();
+    // The scale rows (run on small traces by --smoke; their names say how small) also carry
+    // the peak resident memory their run added.
+    let scale = |name: &str| {
+        (name.starts_with("plan_trace_") && name.ends_with("_commits"))
+            || (name.starts_with("conformance_trace_") && name.ends_with("_slots"))
+    };
+    let mut scale_rows = 0;
     for r in results {
         let fields: std::collections::BTreeSet<String> = support::keys(r);
-        let want: std::collections::BTreeSet<String> = [
+        let mut want: std::collections::BTreeSet<String> = [
             "name",
             "unit",
             "value",
@@ -145,6 +152,11 @@ fn bench_json_has_the_contract_names_each_with_baseline_and_ratio() {
         ]
         .map(String::from)
         .into();
+        if scale(r["name"].as_str().unwrap()) {
+            scale_rows += 1;
+            want.insert("peak_rss_growth_kib".into());
+            assert!(r["peak_rss_growth_kib"].is_u64(), "{r}");
+        }
         assert_eq!(fields, want, "{r}");
         assert!(
             r["value"].is_number() && r["baseline_value"].is_number(),
@@ -211,6 +223,10 @@ fn bench_json_has_the_contract_names_each_with_baseline_and_ratio() {
     for w in &want {
         assert!(names.contains(w), "missing {w}");
     }
+    assert_eq!(
+        scale_rows, 2,
+        "plan_trace_N_commits and conformance_trace_N_slots"
+    );
     // Every figure is in the table too, with its baseline.
     let table = String::from_utf8_lossy(&out.stdout);
     for r in results {

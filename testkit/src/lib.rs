@@ -24,4 +24,5 @@ pub mod stress;
 pub mod svg;
 pub mod testvm;
 pub mod trace;
+mod window;
 pub mod workload;

@@ -95,3 +95,86 @@ pub fn dense_layout(limits: Limits) -> Layout {
         .expect("dense slots are disjoint, page aligned and within the limit");
     layout
 }
+
+/// A QEMU `kvm_set_user_memory` trace made in code, as long and as wide as a test or bench needs
+/// (a 50,000-commit trace is 9 MB of text: generated, not committed).
+///
+/// QEMU 8's line format (`AddrSpace#0`), deterministic from `seed`, every call one the model
+/// accepts (`ret=0`). Commit 0 creates `slots` slots: slot `i` maps 1 MiB at GPA `i` × 2 MiB
+/// from host `SAMPLE_HOST + i` MiB (host memory is one run, as QEMU's RAM is, so a replay's
+/// arena stays the size of the memory). Every later commit deletes one slot picked by the seed
+/// and creates it again changed, as QEMU's listener does: moved to the other 1 MiB half of its
+/// 2 MiB cell, resized (1 to 256 pages), or given other flags (none, dirty logging, read-only).
+/// So the trace has `slots + 2 × (commits - 1)` calls in `commits` commits.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct SyntheticTrace {
+    /// Commits, the first creating every slot (at least 1).
+    pub commits: usize,
+    /// Slots in address space 0 (at most the kernel's 32,764).
+    pub slots: u16,
+    /// Seed of the changes.
+    pub seed: u64,
+}
+
+impl SyntheticTrace {
+    /// Calls in the trace.
+    pub fn calls(&self) -> usize {
+        usize::from(self.slots) + 2 * self.commits.saturating_sub(1)
+    }
+
+    /// Writes the trace, one line per call.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        const CELL: u64 = 0x20_0000;
+        const HALF: u64 = 0x10_0000;
+        // Per slot: which half of its cell, pages, flags.
+        let mut slots: Vec<(bool, u64, u32)> =
+            vec![(false, HALF / PAGE_SIZE, 0); self.slots.into()];
+        let line = |out: &mut dyn std::io::Write, id: usize, s: (bool, u64, u32), delete: bool| {
+            let gpa = id as u64 * CELL + if s.0 { HALF } else { 0 };
+            let (flags, size) = if delete {
+                (0, 0)
+            } else {
+                (s.2, s.1 * PAGE_SIZE)
+            };
+            writeln!(
+                out,
+                "kvm_set_user_memory AddrSpace#0 Slot#{id} flags={flags:#x} gpa={gpa:#x} \
+                 size={size:#x} ua={:#x} ret=0",
+                SAMPLE_HOST + id as u64 * HALF
+            )
+        };
+        for (id, s) in slots.iter().enumerate() {
+            line(out, id, *s, false)?;
+        }
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let mut rng = crate::conformance::SplitMix64::new(self.seed);
+        for _ in 1..self.commits {
+            let id = rng.below(slots.len() as u64) as usize;
+            let old = slots[id];
+            line(out, id, old, true)?;
+            let new = match rng.below(3) {
+                0 => (!old.0, old.1, old.2),
+                1 => (old.0, 1 + rng.below(HALF / PAGE_SIZE), old.2),
+                // Another of none, LOG_DIRTY_PAGES, READONLY.
+                _ => (
+                    old.0,
+                    old.1,
+                    [0, 1, 2][(old.2 as usize + 1 + rng.below(2) as usize) % 3],
+                ),
+            };
+            slots[id] = new;
+            line(out, id, new, false)?;
+        }
+        Ok(())
+    }
+
+    /// The trace as text.
+    pub fn text(&self) -> String {
+        let mut out = Vec::with_capacity(self.calls() * 96);
+        self.write_to(&mut out)
+            .expect("writing to a Vec does not fail");
+        String::from_utf8(out).expect("the lines are ASCII")
+    }
+}

@@ -334,15 +334,65 @@ impl DirtyCheck {
 
 /// Peak resident set size of this process in KiB (`VmHWM`), 0 where /proc cannot tell.
 pub fn peak_rss_kib() -> u64 {
+    status_kib("VmHWM:")
+}
+
+/// Resident set size of this process now, in KiB (`VmRSS`), 0 where /proc cannot tell.
+pub fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// How much a piece of work raised this process's peak resident memory: what a test bounds and
+/// a bench reports ("peak RSS growth").
+///
+/// [`PeakRss::start`] hands freed heap back to the kernel and resets the peak to the current
+/// resident size (`/proc/self/clear_refs`, Linux 4.0 and later), so the growth is the work's own
+/// and not hidden under an earlier, higher peak. Where the peak cannot be reset, the growth is
+/// measured from the old peak and can only read low. Other threads of the process count too.
+#[derive(Clone, Copy, Debug)]
+pub struct PeakRss {
+    start_kib: u64,
+    reset: bool,
+}
+
+impl PeakRss {
+    /// Starts measuring.
+    pub fn start() -> Self {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only returns free heap pages to the kernel; it takes no pointer
+        // and is safe to call at any time from any thread.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        // Writing 5 to clear_refs resets VmHWM to VmRSS (proc(5)).
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        PeakRss {
+            start_kib: if reset { rss_kib() } else { peak_rss_kib() },
+            reset,
+        }
+    }
+
+    /// KiB the peak resident size rose above the start so far.
+    pub fn growth_kib(&self) -> u64 {
+        peak_rss_kib().saturating_sub(self.start_kib)
+    }
+
+    /// Whether the peak was reset at the start (if not, the growth may read low).
+    pub fn was_reset(&self) -> bool {
+        self.reset
+    }
 }
 
 /// Probes for the guest: at most `limit`, spread over `pages`, keeping every `must` page.
@@ -612,7 +662,10 @@ pub enum ReplayError {
 
 /// QEMU's host memory laid out in one arena: each run of QEMU's host ranges keeps its offsets.
 struct HostLayout {
-    runs: Vec<(u64, u64, u64)>, // (qemu start, qemu end, arena offset)
+    /// `(qemu start, qemu end, arena offset)`, sorted by QEMU start (binary-searched per call).
+    runs: Vec<(u64, u64, u64)>,
+    /// Indexes into `runs`, sorted by arena offset.
+    by_offset: Vec<usize>,
     size: u64,
 }
 
@@ -623,7 +676,7 @@ impl HostLayout {
         // small cell numbers; RAM last.
         runs.sort_by_key(|r| (r.1 - r.0, r.0));
         let mut offset = 0;
-        let runs = runs
+        let mut runs: Vec<(u64, u64, u64)> = runs
             .into_iter()
             .map(|(s, e)| {
                 let r = (s, e, offset);
@@ -631,22 +684,31 @@ impl HostLayout {
                 r
             })
             .collect();
-        HostLayout { runs, size: offset }
+        runs.sort_unstable();
+        let mut by_offset: Vec<usize> = (0..runs.len()).collect();
+        by_offset.sort_unstable_by_key(|&i| runs[i].2);
+        HostLayout {
+            runs,
+            by_offset,
+            size: offset,
+        }
     }
 
     fn to_arena(&self, arena: u64, qemu: u64) -> Option<u64> {
+        let i = self.runs.partition_point(|r| r.1 <= qemu);
         self.runs
-            .iter()
-            .find(|r| (r.0..r.1).contains(&qemu))
+            .get(i)
+            .filter(|r| r.0 <= qemu)
             .map(|r| arena + r.2 + (qemu - r.0))
     }
 
     fn to_qemu(&self, arena: u64, ours: u64) -> Option<u64> {
         let off = ours.checked_sub(arena)?;
-        self.runs
-            .iter()
-            .find(|r| (r.2..r.2 + (r.1 - r.0)).contains(&off))
-            .map(|r| r.0 + (off - r.2))
+        let i = self
+            .by_offset
+            .partition_point(|&i| self.runs[i].2 + (self.runs[i].1 - self.runs[i].0) <= off);
+        let r = self.runs[*self.by_offset.get(i)?];
+        (r.2 <= off).then(|| r.0 + (off - r.2))
     }
 
     fn call(&self, arena: u64, call: &SlotCall) -> SlotCall {
@@ -726,19 +788,18 @@ impl QemuPass {
         let mut holes = Vec::new();
         let mut layout = first.clone();
         let back = |l: &Layout| crate::qemu::batch(l, first);
-        let mut batches: Vec<Vec<SlotCall>> = Vec::new();
-        for c in calls.iter().skip(1) {
-            batches.push(c.clone());
-        }
-        for i in 0..=batches.len() {
-            let batch = if i < batches.len() {
-                batches[i].clone()
-            } else {
-                back(&layout)
+        for i in 1..=calls.len() {
+            let way_back;
+            let batch: &[SlotCall] = match calls.get(i) {
+                Some(c) => c,
+                None => {
+                    way_back = back(&layout);
+                    &way_back
+                }
             };
             // QEMU's accepted calls, and its listener's way back, are valid on this layout: the
             // replay applies them to the VM from the same one.
-            let Ok(report) = layout.holes(&batch) else {
+            let Ok(report) = layout.holes(batch) else {
                 continue;
             };
             holes.extend(
@@ -748,7 +809,7 @@ impl QemuPass {
                     .filter(|h| h.range.address_space == 0)
                     .map(|h| (h.range.start, h.range.end)),
             );
-            let Ok(done) = layout.apply_batch(&batch) else {
+            let Ok(done) = layout.apply_batch(batch) else {
                 continue;
             };
             for a in &done {
@@ -766,45 +827,93 @@ impl QemuPass {
     }
 }
 
-/// Each commit's address-space-0 mapping, for finding what is behind a GPA across the trace.
-struct Mappings(Vec<Vec<(u64, u64, u64)>>);
+/// What QEMU's host address behind each GPA of address space 0 was across a trace's commits,
+/// recorded commit by commit from the slots each commit leaves: memory grows with the ranges the
+/// trace maps, not with commits times layout (a map per commit took gigabytes on long traces).
+#[derive(Debug, Default)]
+struct HostHistory {
+    /// Disjoint ranges by start: `(end, host - gpa)` where every commit that maps the range maps
+    /// it at that offset, `(end, None)` where commits differ. Unmapped ranges are absent.
+    ranges: BTreeMap<u64, (u64, Option<u64>)>,
+}
 
-impl Mappings {
-    fn new(targets: &[MemoryMap]) -> Self {
-        Mappings(
-            targets
-                .iter()
-                .map(|m| {
-                    let mut v: Vec<(u64, u64, u64)> = m
-                        .regions()
-                        .iter()
-                        .filter(|r| r.address_space == 0)
-                        .map(|r| (r.gpa, r.end(), r.host))
-                        .collect();
-                    v.sort_unstable();
-                    v
-                })
-                .collect(),
-        )
+impl HostHistory {
+    /// Records that a commit maps `[gpa, end)` to `host` onwards.
+    fn record(&mut self, gpa: u64, end: u64, host: u64) {
+        if gpa >= end {
+            return;
+        }
+        let delta = Some(host.wrapping_sub(gpa));
+        self.split(gpa);
+        self.split(end);
+        let inside: Vec<(u64, (u64, Option<u64>))> =
+            self.ranges.range(gpa..end).map(|(&s, &v)| (s, v)).collect();
+        let mut at = gpa;
+        for (s, (e, d)) in inside {
+            if at < s {
+                self.ranges.insert(at, (s, delta));
+            }
+            if d != delta {
+                self.ranges.insert(s, (e, None));
+            }
+            at = e;
+        }
+        if at < end {
+            self.ranges.insert(at, (end, delta));
+        }
+        self.join(gpa.saturating_sub(1), end);
+    }
+
+    /// Cuts the range holding `at` in two there.
+    fn split(&mut self, at: u64) {
+        if let Some((&s, &(e, d))) = self.ranges.range(..at).next_back() {
+            if e > at {
+                self.ranges.insert(s, (at, d));
+                self.ranges.insert(at, (e, d));
+            }
+        }
+    }
+
+    /// Joins neighbours that touch and say the same, from the range holding `from` through the
+    /// one starting at `to`, so that re-recording an unchanged slot stays one range.
+    fn join(&mut self, from: u64, to: u64) {
+        let first = self
+            .ranges
+            .range(..=from)
+            .next_back()
+            .map_or(from, |(&s, _)| s);
+        let pieces: Vec<(u64, (u64, Option<u64>))> = self
+            .ranges
+            .range(first..=to)
+            .map(|(&s, &v)| (s, v))
+            .collect();
+        let mut last: Option<(u64, (u64, Option<u64>))> = None;
+        for (s, (e, d)) in pieces {
+            match last {
+                Some((ls, (le, ld))) if le == s && ld == d => {
+                    self.ranges.remove(&s);
+                    self.ranges.insert(ls, (e, d));
+                    last = Some((ls, (e, d)));
+                }
+                _ => last = Some((s, (e, d))),
+            }
+        }
     }
 
     /// QEMU's host address behind `gpa` across the commits: `None` when no commit maps it,
     /// `Some(Some(h))` when every commit that maps it maps it to `h`, `Some(None)` when they
     /// differ.
     fn host(&self, gpa: u64) -> Option<Option<u64>> {
-        let mut seen: Option<Option<u64>> = None;
-        for regions in &self.0 {
-            let i = regions.partition_point(|r| r.1 <= gpa);
-            if let Some(&(start, _, host)) = regions.get(i).filter(|r| r.0 <= gpa) {
-                let h = host + (gpa - start);
-                seen = match seen {
-                    None => Some(Some(h)),
-                    Some(Some(old)) if old == h => Some(Some(h)),
-                    Some(_) => Some(None),
-                };
-            }
-        }
-        seen
+        let (_, &(end, delta)) = self.ranges.range(..=gpa).next_back()?;
+        (gpa < end).then(|| delta.map(|d| gpa.wrapping_add(d)))
+    }
+
+    /// Whether some commit maps part of `[start, end)`.
+    fn maps_any(&self, start: u64, end: u64) -> bool {
+        self.ranges
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &(e, _))| e > start)
     }
 }
 
@@ -815,7 +924,7 @@ impl Mappings {
 /// page (or leaves unmapped) is read, checked and written; a page commits map to different host
 /// pages is only read (an MMIO answer there is still judged).
 fn choose_probes(
-    mappings: &Mappings,
+    mappings: &HostHistory,
     hosts: &HostLayout,
     arena: u64,
     window: u64,
@@ -924,6 +1033,33 @@ impl Coverage {
     }
 }
 
+/// One streamed pass over a trace's commits: QEMU's accepted calls of each, and what every
+/// commit maps where (no map kept per commit).
+fn read_commits(
+    trace: &crate::trace::Trace,
+    limits: memslots::model::Limits,
+) -> Result<(Vec<Vec<SlotCall>>, HostHistory), ReplayError> {
+    let mut commits = crate::replay::QemuCommits::new(crate::replay::calls_of(trace), limits);
+    let mut calls: Vec<Vec<SlotCall>> = Vec::new();
+    let mut history = HostHistory::default();
+    while let Some(commit) = commits.next() {
+        let commit = commit?;
+        // A slot some commit leaves was made by a call of that commit (the last on its id), so
+        // recording each call's slot that the commit keeps records every commit's map.
+        let after = commits.layout();
+        for call in commit.accepted.iter().filter(|c| !c.is_delete()) {
+            let kept = after
+                .slot(call.id())
+                .is_some_and(|s| s.gpa == call.gpa && s.size == call.size && s.host == call.host);
+            if kept && call.id().address_space == 0 {
+                history.record(call.gpa, call.gpa + call.size, call.host);
+            }
+        }
+        calls.push(commit.accepted);
+    }
+    Ok((calls, history))
+}
+
 /// Waits (at most a second) until the guest has completed `rounds` rounds in all.
 fn wait_for_rounds(vm: &TestVm, rounds: u64) {
     let deadline = Instant::now() + Duration::from_secs(1);
@@ -946,11 +1082,15 @@ pub struct TraceVm {
     /// Whether the vCPUs run.
     started: bool,
     strategy: Strategy,
-    targets: Vec<memslots::planner::MemoryMap>,
-    /// QEMU's accepted calls of each commit.
+    /// QEMU's accepted calls of each commit: the trace itself, not a map per commit.
     calls: Vec<Vec<SlotCall>>,
     /// QEMU's layout after commit 0, for the way back.
     first_layout: Layout,
+    /// QEMU's own layout after the commit the VM is at; the next commit's target is this layout
+    /// with the next commit's calls applied.
+    qemu: Layout,
+    /// The mapping of `qemu`: what the VM must map now.
+    target: MemoryMap,
     hosts: std::sync::Arc<HostLayout>,
     arena: u64,
     probes: Vec<Probe>,
@@ -966,7 +1106,7 @@ impl std::fmt::Debug for TraceVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TraceVm")
             .field("strategy", &self.strategy)
-            .field("commits", &self.targets.len())
+            .field("commits", &self.calls.len())
             .field("at", &self.at)
             .finish_non_exhaustive()
     }
@@ -991,15 +1131,10 @@ impl TraceVm {
         ring: Option<u32>,
     ) -> Result<Self, ReplayError> {
         let limits = memslots::model::Limits::default();
-        let commits = crate::replay::qemu_commits(trace, limits)?;
-        if commits.len() < 2 {
-            return Err(ReplayError::TooShort(commits.len()));
+        let (calls, history) = read_commits(trace, limits)?;
+        if calls.len() < 2 {
+            return Err(ReplayError::TooShort(calls.len()));
         }
-        let targets: Vec<MemoryMap> = commits.iter().map(|c| c.target.clone()).collect();
-        let calls: Vec<Vec<SlotCall>> = commits
-            .iter()
-            .map(|c| trace.accepted_calls(c.calls.clone()))
-            .collect();
         // QEMU's own layout after commit 0, for its calls back to it.
         let mut first_layout = Layout::new(limits);
         for call in &calls[0] {
@@ -1010,14 +1145,7 @@ impl TraceVm {
         let window = (1..(0xffe0_0000 / crate::guest::PRIVATE_SIZE))
             .rev()
             .map(|i| i * crate::guest::PRIVATE_SIZE)
-            .find(|&base| {
-                let end = base + crate::guest::PRIVATE_SIZE;
-                targets.iter().all(|m| {
-                    m.regions()
-                        .iter()
-                        .all(|r| r.address_space != 0 || r.end() <= base || r.gpa >= end)
-                })
-            })
+            .find(|&base| !history.maps_any(base, base + crate::guest::PRIVATE_SIZE))
             .ok_or(ReplayError::NoRoom)?;
         let vm = TestVm::new(TestVmConfig {
             vcpus,
@@ -1030,8 +1158,7 @@ impl TraceVm {
         let arena = vm.arena_host();
 
         let pass = QemuPass::of(&calls, &first_layout);
-        let mappings = Mappings::new(&targets);
-        let probes = choose_probes(&mappings, &hosts, arena, window, &pass);
+        let probes = choose_probes(&history, &hosts, arena, window, &pass);
         let coverage = Coverage::of(&probes, &pass.holes);
 
         let mut me = TraceVm {
@@ -1039,8 +1166,9 @@ impl TraceVm {
             vcpus,
             started: false,
             strategy,
-            targets,
             calls,
+            target: MemoryMap::from_layout(&first_layout),
+            qemu: first_layout.clone(),
             first_layout,
             hosts,
             arena,
@@ -1050,7 +1178,10 @@ impl TraceVm {
             at: 0,
         };
         // Commit 0 builds the first layout, always in one batch (no vCPU runs yet).
-        let first = me.calls_to(0)?;
+        let first = me
+            .commit(0, &me.target)
+            .calls(&me.shadow)
+            .map_err(|source| ReplayError::Plan { commit: 0, source })?;
         let ours: Vec<SlotCall> = first.iter().map(|c| me.hosts.call(arena, c)).collect();
         me.vm
             .apply(&ours, Strategy::Atomic)
@@ -1061,17 +1192,23 @@ impl TraceVm {
         Ok(me)
     }
 
-    /// The calls that take the VM from where it is to commit `c`, in QEMU's host addresses.
-    fn calls_to(&self, c: usize) -> Result<Vec<SlotCall>, ReplayError> {
-        self.commit(c)
-            .calls(&self.shadow)
-            .map_err(|source| ReplayError::Plan { commit: c, source })
+    /// QEMU's layout after commit `c`, the one after the commit the VM is at (or commit 0).
+    fn qemu_after(&self, c: usize) -> Layout {
+        if c == 0 {
+            return self.first_layout.clone();
+        }
+        let mut layout = self.qemu.clone();
+        for call in &self.calls[c] {
+            // The commit's calls were applied to this layout once already, when it was read.
+            let _ = layout.apply(call);
+        }
+        layout
     }
 
-    /// What planning commit `c` needs.
-    fn commit(&self, c: usize) -> Commit {
+    /// What planning commit `c`, whose mapping is `target`, needs.
+    fn commit(&self, c: usize, target: &MemoryMap) -> Commit {
         match self.strategy {
-            Strategy::Atomic => Commit::Planned(self.targets[c].clone()),
+            Strategy::Atomic => Commit::Planned(target.clone()),
             // QEMU's own calls forward; its listener's calls back to (and into) commit 0.
             _ if c == 0 => Commit::BackTo(self.first_layout.clone()),
             _ => Commit::Qemu(self.calls[c].clone()),
@@ -1097,15 +1234,17 @@ impl TraceVm {
     /// Commits in one pass through the trace and back (the steps before the VM is where it
     /// started).
     pub fn steps_per_pass(&self) -> usize {
-        self.targets.len()
+        self.calls.len()
     }
 
     /// The next commit (after the last, commit 0 again), applied, started as `trigger` says. A
     /// batch rolled back (by an injected fault) leaves the VM where it was; the next step tries
     /// the same commit again.
     pub fn step(&mut self, trigger: Trigger) -> Result<Step, ReplayError> {
-        let c = (self.at + 1) % self.targets.len();
-        let (commit, shadow) = (self.commit(c), self.shadow.clone());
+        let c = (self.at + 1) % self.calls.len();
+        let qemu = self.qemu_after(c);
+        let target = MemoryMap::from_layout(&qemu);
+        let (commit, shadow) = (self.commit(c, &target), self.shadow.clone());
         let (hosts, arena, strategy) = (self.hosts.clone(), self.arena, self.strategy);
         let change = move |u: &mut SlotUpdater| {
             let calls = commit.calls(&shadow).map_err(ChangeError::Plan)?;
@@ -1119,6 +1258,8 @@ impl TraceVm {
                     .apply_batch(&calls)
                     .expect("the model accepted these calls for the VM");
                 self.at = c;
+                self.qemu = qemu;
+                self.target = target;
                 Ok(Step::Applied(stats))
             }
             Err(ChangeError::Apply(ApplyError::RolledBack { stats, .. })) => {
@@ -1140,7 +1281,7 @@ impl TraceVm {
             let host = self.hosts.to_qemu(self.arena, s.host).unwrap_or(0);
             let _ = seen.apply(&memslots::model::Slot { host, ..*s }.set_call());
         }
-        MemoryMap::from_layout(&seen) == self.targets[self.at]
+        MemoryMap::from_layout(&seen) == self.target
     }
 
     /// The checked probes' host pages (each once), for a [`DirtyCheck`].
@@ -1221,4 +1362,114 @@ pub fn replay(
     report.hole_bytes = Some(coverage.hole_bytes);
     report.hole_bytes_probed = Some(coverage.hole_bytes_probed);
     Ok(report)
+}
+
+#[cfg(test)]
+mod trace_tests {
+    use super::{read_commits, HostLayout};
+    use crate::trace::Trace;
+    use memslots::model::{Limits, PAGE_SIZE};
+    use memslots::planner::MemoryMap;
+
+    /// The committed traces and two generated ones.
+    fn traces() -> Vec<(String, Trace)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
+        let mut out: Vec<(String, Trace)> = ["", "smm", "dirty-log"]
+            .iter()
+            .flat_map(|sub| Trace::files_in(&dir.join(sub)).unwrap())
+            .map(|p| (p.display().to_string(), Trace::from_file(&p).unwrap()))
+            .collect();
+        for (commits, slots, seed) in [(300, 40, 1), (200, 7, 2)] {
+            let spec = crate::samples::SyntheticTrace {
+                commits,
+                slots,
+                seed,
+            };
+            out.push((format!("{spec:?}"), Trace::parse(&spec.text()).unwrap()));
+        }
+        out
+    }
+
+    /// What every commit's address-space-0 map says about the host behind each GPA, as the
+    /// replay worked it out from a map per commit before: the reference for [`HostHistory`].
+    #[test]
+    fn host_history_agrees_with_a_map_per_commit() {
+        for (name, trace) in traces() {
+            let (_, history) = read_commits(&trace, Limits::default()).unwrap();
+            let targets: Vec<MemoryMap> = crate::replay::qemu_commits(&trace, Limits::default())
+                .unwrap()
+                .into_iter()
+                .map(|c| c.target)
+                .collect();
+            let reference = |gpa: u64| -> Option<Option<u64>> {
+                let mut seen: Option<Option<u64>> = None;
+                for m in &targets {
+                    if let Some(r) = m.find(0, gpa) {
+                        let h = r.host_of(gpa);
+                        seen = match seen {
+                            None => Some(Some(h)),
+                            Some(Some(old)) if old == h => Some(Some(h)),
+                            Some(_) => Some(None),
+                        };
+                    }
+                }
+                seen
+            };
+            // Every region edge (and the pages either side), and a grid.
+            let mut gpas: Vec<u64> = targets
+                .iter()
+                .flat_map(|m| m.space(0).iter().flat_map(|r| [r.gpa, r.end()]))
+                .flat_map(|g| [g.saturating_sub(PAGE_SIZE), g, g + PAGE_SIZE])
+                .chain((0..0x1_0000_0000u64).step_by(0x20_0000))
+                .collect();
+            gpas.sort_unstable();
+            gpas.dedup();
+            for gpa in gpas {
+                assert_eq!(history.host(gpa), reference(gpa), "{name}: gpa {gpa:#x}");
+                let mapped = targets.iter().any(|m| {
+                    m.space(0)
+                        .iter()
+                        .any(|r| r.gpa < gpa + PAGE_SIZE && gpa < r.end())
+                });
+                assert_eq!(
+                    history.maps_any(gpa, gpa + PAGE_SIZE),
+                    mapped,
+                    "{name}: {gpa:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn host_layout_finds_what_a_scan_finds() {
+        for (name, trace) in traces() {
+            let hosts = HostLayout::of(&trace);
+            let arena = 0x10_0000_0000;
+            for &(start, end, offset) in &hosts.runs {
+                for qemu in [
+                    start,
+                    start + PAGE_SIZE,
+                    end - 1,
+                    end,
+                    start.wrapping_sub(1),
+                ] {
+                    let scan = hosts
+                        .runs
+                        .iter()
+                        .find(|r| (r.0..r.1).contains(&qemu))
+                        .map(|r| arena + r.2 + (qemu - r.0));
+                    assert_eq!(hosts.to_arena(arena, qemu), scan, "{name}: {qemu:#x}");
+                }
+                for off in [offset, offset + (end - start) - 1, offset + (end - start)] {
+                    let scan = hosts
+                        .runs
+                        .iter()
+                        .find(|r| (r.2..r.2 + (r.1 - r.0)).contains(&off))
+                        .map(|r| r.0 + (off - r.2));
+                    assert_eq!(hosts.to_qemu(arena, arena + off), scan, "{name}: {off:#x}");
+                }
+            }
+            assert_eq!(hosts.to_qemu(arena, arena - 1), None);
+        }
+    }
 }

@@ -26,9 +26,10 @@ use super::harness::{interleave, median, quantile, Figure, Mode};
 const SETTLE: Duration = Duration::from_micros(200);
 
 /// What a rig steps through.
+/// Both boxed: a rig is made a few times, and each VM is a few hundred bytes of different size.
 enum Driver {
-    Workload(WorkloadVm),
-    Trace(TraceVm),
+    Workload(Box<WorkloadVm>),
+    Trace(Box<TraceVm>),
 }
 
 /// A VM and the strategy its updates are applied with.
@@ -51,7 +52,7 @@ impl Rig {
             vm.start()?;
         }
         Ok(Rig {
-            driver: Driver::Workload(vm),
+            driver: Driver::Workload(Box::new(vm)),
             strategy,
             trigger: Trigger::Host,
         })
@@ -79,7 +80,7 @@ impl Rig {
             vm.start()?;
         }
         Ok(Rig {
-            driver: Driver::Trace(vm),
+            driver: Driver::Trace(Box::new(vm)),
             strategy,
             trigger: Trigger::Host,
         })

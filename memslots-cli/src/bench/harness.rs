@@ -40,6 +40,10 @@ pub struct Figure {
     pub baseline_value: f64,
     /// `value / baseline_value`; `None` (JSON `null`) when the baseline is 0.
     pub ratio: Option<f64>,
+    /// How much the measured run raised the process's peak resident memory, in KiB: on rows
+    /// whose point is that memory stays flat (absent from the JSON elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_growth_kib: Option<u64>,
 }
 
 impl Figure {
@@ -58,6 +62,15 @@ impl Figure {
             baseline_name: baseline_name.into(),
             baseline_value,
             ratio: (baseline_value > 0.0).then(|| value / baseline_value),
+            peak_rss_growth_kib: None,
+        }
+    }
+
+    /// The figure with the peak resident memory its run added.
+    pub fn with_peak_rss_growth(self, kib: u64) -> Self {
+        Figure {
+            peak_rss_growth_kib: Some(kib),
+            ..self
         }
     }
 }

@@ -6,6 +6,7 @@ mod harness;
 mod ioctl;
 mod machine;
 mod planner;
+mod scale;
 mod soft;
 
 use std::error::Error;
@@ -26,7 +27,8 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// A round or two of everything, for tests of the output's shape (the figures mean little;
-    /// soft_setup_32764_vs_gm_atomic, seconds even optimized, is left out).
+    /// soft_setup_32764_vs_gm_atomic, seconds even optimized, is left out, and the scale rows
+    /// run on small traces).
     #[arg(long, hide = true, conflicts_with = "quick")]
     smoke: bool,
     /// Print the results as JSON on the last line of stdout.
@@ -35,14 +37,15 @@ pub struct Args {
     /// Directory of committed QEMU traces (`*.log`).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/traces"))]
     traces: PathBuf,
-    /// Run only these sections (ioctl, blackout, kick, soft, planner, traces, dirty); default all.
+    /// Run only these sections (scale, ioctl, blackout, kick, soft, planner, traces, dirty);
+    /// default all.
     #[arg(long, value_delimiter = ',', value_parser = SECTIONS)]
     only: Vec<String>,
 }
 
 /// The sections `--only` may name; anything else is a usage error (exit 2), not a run of nothing.
-const SECTIONS: [&str; 7] = [
-    "ioctl", "blackout", "kick", "soft", "planner", "traces", "dirty",
+const SECTIONS: [&str; 8] = [
+    "scale", "ioctl", "blackout", "kick", "soft", "planner", "traces", "dirty",
 ];
 
 /// The committed traces in `dir`, sorted.
@@ -84,6 +87,9 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         Box<dyn FnOnce() -> Result<Vec<Figure>, Box<dyn Error>> + 'a>,
     );
     let mut sections: Vec<Section> = vec![
+        // First: its memory figures are growths of this process's peak, clearest before the
+        // other sections have grown the heap.
+        ("scale", Box::new(|| scale::run(q))),
         ("ioctl", Box::new(|| ioctl::run(q))),
         ("blackout", Box::new(|| blackout::workloads(q))),
         ("kick", Box::new(|| blackout::kick_to_parked(q))),
@@ -104,16 +110,29 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         .map(|f| f.baseline_name.len())
         .max()
         .unwrap_or(8);
+    // The memory column only when some row has it.
+    let rss = results.iter().any(|f| f.peak_rss_growth_kib.is_some());
     println!(
-        "{:<w$} {:>12} {:>6}  {:<bw$} {:>12} {:>8}",
-        "figure", "median", "unit", "baseline", "median", "ratio"
+        "{:<w$} {:>12} {:>6}  {:<bw$} {:>12} {:>8}{}",
+        "figure",
+        "median",
+        "unit",
+        "baseline",
+        "median",
+        "ratio",
+        if rss { "  peak RSS growth" } else { "" }
     );
     for f in &results {
         let ratio = f
             .ratio
             .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"));
+        let growth = match f.peak_rss_growth_kib {
+            Some(kib) => format!("  {kib} KiB"),
+            None if rss => "  -".to_owned(),
+            None => String::new(),
+        };
         println!(
-            "{:<w$} {:>12.2} {:>6}  {:<bw$} {:>12.2} {:>8}",
+            "{:<w$} {:>12.2} {:>6}  {:<bw$} {:>12.2} {:>8}{growth}",
             f.name, f.value, f.unit, f.baseline_name, f.baseline_value, ratio
         );
     }

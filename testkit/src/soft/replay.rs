@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::compare::{compare_commit, CompareOptions, TraceComparison};
 use super::stress::{one_call_batches, qemu_inhibits};
+use crate::replay::{calls_of, QemuCommits};
 use crate::stats::{Micros, Samples};
 use crate::strategy::Strategy;
 use crate::stress::StressReport;
@@ -108,8 +109,10 @@ pub fn replay(
 ) -> Result<SoftReplayReport, SoftReplayError> {
     let rss_kib_start = crate::stress::peak_rss_kib();
     let limits = Limits::default();
-    let commits = crate::replay::qemu_commits(trace, limits)?;
-    if commits.is_empty() {
+    // Commits are rebuilt one at a time (each map dropped once its commit ran), so memory is a
+    // few layouts however long the trace; only the count is taken up front, for the progress.
+    let total = trace.commits().len() as u64;
+    if total == 0 {
         return Err(SoftReplayError::Empty);
     }
     let options = CompareOptions {
@@ -121,20 +124,20 @@ pub fn replay(
     let (mut spurious, mut ioctls) = (0u64, 0u64);
     let mut blackout = Samples::new();
     let mut update_us = Samples::new();
-    let total = commits.len() as u64;
-    for (i, c) in commits.iter().enumerate() {
+    for (i, c) in QemuCommits::new(calls_of(trace), limits).enumerate() {
+        let c = c?;
         let soft = |source| SoftReplayError::Soft { commit: i, source };
-        let calls = trace.accepted_calls(c.calls.clone());
+        let calls = &c.accepted;
         let planned = plan(&layout, &c.target)
             .map_err(|source| SoftReplayError::Plan { commit: i, source })?
             .batch();
-        let cmp = compare_commit(&layout, &calls, &planned, &options).map_err(soft)?;
+        let cmp = compare_commit(&layout, calls, &planned, &options).map_err(soft)?;
         sums.add(&cmp);
 
         // The strategy's way again, alone, timed.
         let mut memory = SoftMemory::with_layout(layout.clone());
         let t0 = Instant::now();
-        let inhibited = config.strategy == Strategy::Qemu && qemu_inhibits(&layout, &calls);
+        let inhibited = config.strategy == Strategy::Qemu && qemu_inhibits(&layout, calls);
         match config.strategy {
             Strategy::Atomic => {
                 memory.apply_batch(planned.calls()).map_err(soft)?;
@@ -142,7 +145,7 @@ pub fn replay(
                 spurious += cmp.planned.spurious_mmio;
             }
             Strategy::Qemu | Strategy::Naive => {
-                one_call_batches(&mut memory, &calls, &mut ioctls).map_err(soft)?;
+                one_call_batches(&mut memory, calls, &mut ioctls).map_err(soft)?;
                 // QEMU 8.0 holds vCPUs out of a commit whose deletes overlap its creates.
                 if !inhibited {
                     spurious += cmp.qemu.spurious_mmio;
@@ -153,7 +156,7 @@ pub fn replay(
         update_us.push(us);
         blackout.push(if inhibited { us } else { 0.0 });
         layout
-            .apply_batch(&calls)
+            .apply_batch(calls)
             .map_err(|e| soft(SoftError::Refused(e)))?;
         progress(i as u64 + 1, Some(total));
     }
