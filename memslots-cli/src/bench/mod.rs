@@ -1,6 +1,7 @@
 //! `memslots bench`: every figure beside a baseline measured in turns with it, in one process.
 
 mod blackout;
+mod boot;
 mod harness;
 mod ioctl;
 mod machine;
@@ -34,13 +35,15 @@ pub struct Args {
     /// Directory of committed QEMU traces (`*.log`).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/traces"))]
     traces: PathBuf,
-    /// Run only these sections (ioctl, blackout, kick, soft, planner, traces); default all.
+    /// Run only these sections (ioctl, blackout, kick, soft, planner, traces, boot); default all.
     #[arg(long, value_delimiter = ',', value_parser = SECTIONS)]
     only: Vec<String>,
 }
 
 /// The sections `--only` may name; anything else is a usage error (exit 2), not a run of nothing.
-const SECTIONS: [&str; 6] = ["ioctl", "blackout", "kick", "soft", "planner", "traces"];
+const SECTIONS: [&str; 7] = [
+    "ioctl", "blackout", "kick", "soft", "planner", "traces", "boot",
+];
 
 /// The committed traces in `dir`, sorted.
 fn trace_files(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>> {
@@ -87,6 +90,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         ("soft", Box::new(|| soft::run(q))),
         ("planner", Box::new(|| planner::run(q, &args.traces))),
         ("traces", Box::new(|| blackout::traces(q, &args.traces))),
+        ("boot", Box::new(|| boot::run(q))),
     ];
     sections.retain(|(what, _)| args.only.is_empty() || args.only.iter().any(|o| o == what));
     for (what, section) in sections {
