@@ -123,6 +123,11 @@ fn print_boot(k: u64, boots: u64, vcpus: usize, r: &BootReport) {
         .iter()
         .map(|c| format!("{:.0}", c.blackout.as_secs_f64() * 1e6))
         .collect();
+    let parked: Vec<String> = r
+        .commits
+        .iter()
+        .map(|c| format!("{:.0}", c.kick_to_parked.as_secs_f64() * 1e6))
+        .collect();
     let threads: Vec<String> = r
         .commits
         .iter()
@@ -130,12 +135,12 @@ fn print_boot(k: u64, boots: u64, vcpus: usize, r: &BootReport) {
         .collect();
     let quiesced: u64 = r.commits.iter().map(|c| c.quiesced_ioctls).sum();
     println!(
-        "boot {k}/{boots}: {} | end of POST {} | Found {} cpu(s) | PAM writes {} | commits {} | \
+        "boot {k}/{boots}: {} | end of POST {} | CPUs found {} | PAM writes {} | commits {} | \
          slot ioctls {} ({} at reset) | quiesced {} | blackout per commit (us) [{}] | internal \
          errors {} | unexpected exits {} (spurious {}) | ROM writes {} | {} ms",
         if r.ok(vcpus) { "ok" } else { "FAILED" },
         if r.end_of_post { "yes" } else { "no" },
-        r.cpus_found.map_or("no".into(), |n| n.to_string()),
+        r.cpus_found.map_or("none".into(), |n| n.to_string()),
         r.pam_writes,
         r.commits.len(),
         r.ioctls,
@@ -153,10 +158,18 @@ fn print_boot(k: u64, boots: u64, vcpus: usize, r: &BootReport) {
         .iter()
         .map(|t| t.as_millis().to_string())
         .collect();
-    println!("  vCPU threads' CPU time (ms): [{}]", cpu.join(", "));
+    println!(
+        "  of the blackouts, kick to all parked (us): [{}]; vCPU threads' CPU time (ms): [{}]",
+        parked.join(", "),
+        cpu.join(", ")
+    );
     println!(
         "  commits applied on: {}{}",
-        threads.join(", "),
+        if threads.is_empty() {
+            "none".to_owned()
+        } else {
+            threads.join(", ")
+        },
         if r.commits_on_vcpu_threads() {
             ""
         } else {

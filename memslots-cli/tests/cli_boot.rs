@@ -38,6 +38,8 @@ fn boot_json_has_the_contract_and_the_trace_reads_back() {
         "--json",
         "--trace-out",
         out_path.to_str().unwrap(),
+        "--time-limit",
+        "300",
     ]);
     let trace = std::fs::read_to_string(&out_path);
     let _ = std::fs::remove_file(&out_path);

@@ -2,6 +2,7 @@
 //! against QEMU 8.0's rule on a boot of the same firmware, boots alternating in one run.
 
 use std::error::Error;
+use std::time::Duration;
 
 use memslots_testkit::boot::{self, BootConfig, BootError, DEFAULT_BIOS};
 use memslots_testkit::strategy::Strategy;
@@ -42,6 +43,8 @@ pub fn run(q: Mode) -> Result<Vec<Figure>, Box<dyn Error>> {
         let cfg = |strategy| BootConfig {
             vcpus,
             strategy,
+            // Generous: a loaded machine slows boots, and a bench should not fail for it.
+            time_limit: Duration::from_secs(300),
             ..BootConfig::default()
         };
         let (atomic, qemu) = (cfg(Strategy::Atomic), cfg(Strategy::Qemu));

@@ -59,6 +59,8 @@ pub struct CommitRecord {
     pub quiesced_ioctls: u64,
     /// How long vCPUs were held out (0 when nobody was).
     pub blackout: Duration,
+    /// Of that, from the kick to every other vCPU out of `KVM_RUN`.
+    pub kick_to_parked: Duration,
     /// Wall time of the apply.
     pub update: Duration,
 }
@@ -223,6 +225,7 @@ impl Chipset {
             ioctls: stats.ioctls,
             quiesced_ioctls: stats.quiesced_ioctls,
             blackout: stats.quiesce.map_or(Duration::ZERO, |q| q.blackout),
+            kick_to_parked: stats.quiesce.map_or(Duration::ZERO, |q| q.kick_to_parked),
             update: stats.update,
         });
         self.history.push(map);

@@ -193,7 +193,10 @@ impl Machine {
             fwcfg::SELECTOR | fwcfg::DATA => lock(&self.fw_cfg).write(port, data),
             // Fast A20 and reset: A20 is always on under KVM, and SeaBIOS never asks for a
             // reset through it during POST, so the value is only kept.
-            PORT_92 => self.port92.store(data[0] & !1, Ordering::SeqCst),
+            PORT_92 => {
+                let v = data.first().copied().unwrap_or(0);
+                self.port92.store(v & !1, Ordering::SeqCst);
+            }
             _ => {}
         }
         false
@@ -492,9 +495,12 @@ pub(super) fn run(cfg: &BootConfig, image: &[u8]) -> Result<BootReport, BootErro
     let boot_time = start.elapsed();
     let timed_out = matches!(event, Err(RecvTimeoutError::Timeout));
     stop(&m, &gate, &threads);
-    for t in threads {
-        if t.join().is_err() {
-            m.problem("a vCPU thread panicked".into());
+    for (i, t) in threads.into_iter().enumerate() {
+        if !t.is_finished() {
+            // Joining would wait forever: the thread is left behind, holding its VM.
+            m.problem(format!("vCPU {i}'s thread did not stop"));
+        } else if t.join().is_err() {
+            m.problem(format!("vCPU {i}'s thread panicked"));
         }
     }
     if timed_out {
