@@ -235,22 +235,9 @@ impl Chipset {
     }
 
     /// Judges an MMIO exit at `gpa` by a vCPU that entered `KVM_RUN` when map `seen` was the
-    /// last complete one (every later map up to now could have been visible to it).
+    /// last complete one.
     pub fn judge(&self, seen: usize, gpa: u64, write: bool) -> Access {
-        let maps = &self.history[seen.min(self.history.len() - 1)..];
-        let hits: Vec<Option<&Piece>> = maps.iter().map(|m| pam::lookup(m, gpa)).collect();
-        if hits
-            .iter()
-            .all(|p| p.is_some_and(|p| !write || !p.readonly))
-        {
-            Access::Spurious
-        } else if write && hits.iter().any(|p| p.is_some_and(|p| p.readonly)) {
-            Access::RomWrite
-        } else if hits.iter().all(Option::is_none) {
-            Access::Unassigned
-        } else {
-            Access::InFlight
-        }
+        judge(&self.history, seen, gpa, write)
     }
 
     /// The slot calls' layout now.
@@ -266,5 +253,56 @@ impl Chipset {
     /// The three memories.
     pub fn memory(&self) -> &Memory {
         &self.memory
+    }
+}
+
+/// Judges an MMIO exit at `gpa` against `history[seen..]`, every map a vCPU that entered
+/// `KVM_RUN` when map `seen` was the last complete one could have seen (the maps of commits made
+/// since, up to now: the caller holds the chipset, so none is in flight).
+pub(crate) fn judge(history: &[Vec<Piece>], seen: usize, gpa: u64, write: bool) -> Access {
+    let maps = &history[seen.min(history.len().saturating_sub(1))..];
+    let hits: Vec<Option<&Piece>> = maps.iter().map(|m| pam::lookup(m, gpa)).collect();
+    if hits
+        .iter()
+        .all(|p| p.is_some_and(|p| !write || !p.readonly))
+    {
+        Access::Spurious
+    } else if write && hits.iter().any(|p| p.is_some_and(|p| p.readonly)) {
+        Access::RomWrite
+    } else if hits.iter().all(Option::is_none) {
+        Access::Unassigned
+    } else {
+        Access::InFlight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_is_spurious_only_where_every_visible_map_had_memory() {
+        let (ram, bios) = (512 << 20, 128 << 10);
+        let reset = pam::memory_map(&[0; 7], 0x02, ram, bios);
+        let writable =
+            pam::memory_map(&[0x30, 0x33, 0x33, 0x33, 0x33, 0x33, 0x33], 0x02, ram, bios);
+        let readonly =
+            pam::memory_map(&[0x10, 0x11, 0x11, 0x11, 0x11, 0x11, 0x31], 0x02, ram, bios);
+        let history = vec![reset, writable, readonly];
+        // A fetch at 0xf0000: memory in every map since any entry.
+        for seen in 0..3 {
+            assert_eq!(judge(&history, seen, 0xf_d1ee, false), Access::Spurious);
+        }
+        // A write there: read-only in the reset map and after the last commit, writable between.
+        assert_eq!(judge(&history, 0, 0xf_0000, true), Access::RomWrite);
+        assert_eq!(judge(&history, 2, 0xf_0000, true), Access::RomWrite);
+        assert_eq!(
+            judge(&history, 1, 0xe_c000, true),
+            Access::Spurious,
+            "mode 3 throughout"
+        );
+        // Nothing mapped: the IOAPIC's page, the PCI hole.
+        assert_eq!(judge(&history, 0, 0xfec0_0000, false), Access::Unassigned);
+        assert_eq!(judge(&history, 0, ram, true), Access::Unassigned);
     }
 }
