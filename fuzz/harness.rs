@@ -69,6 +69,8 @@ fn decode(c: &[u8], layout: &Layout) -> SlotCall {
         gpa: u64::from(c[2]) % GPA_PAGES * P,
         size: (1 + u64::from(c[3] % 16)) * P,
         host: HOST + u64::from(c[4]) * P,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     match (c[1] % 8, existing) {
         (3, Some(s)) => s.delete_call(),

@@ -102,6 +102,13 @@ fn print_summary(r: &Report) {
         "calls {}  accepted {}  rejected {}  mismatches {}",
         r.calls, r.accepted, r.rejected, r.mismatches
     );
+    println!(
+        "KVM_SET_USER_MEMORY_REGION2 calls {}  guest_memfd calls {} ({} slots created)",
+        r.v2_calls, r.guest_memfd_calls, r.guest_memfd_slots
+    );
+    if let Some(why) = &r.guest_memfd_unavailable {
+        println!("no guest_memfd slot was bound: {why}");
+    }
     if r.at_max_gfn.0 > 0 {
         println!(
             "calls at the maximum guest frame: {} ({} accepted)",

@@ -12,7 +12,8 @@ use memslots_testkit::trace::Trace;
 
 use crate::output::{json_line, Progress};
 use crate::stress::{
-    exit_status, print_summary, require_kvm, trigger, BackendArg, StrategyArg, TriggerArg,
+    exit_status, print_summary, require_kvm, trigger, BackendArg, DirtyLogArg, StrategyArg,
+    TriggerArg,
 };
 
 /// Arguments of `memslots replay`.
@@ -43,6 +44,9 @@ pub struct Args {
     /// Make each slot ioctl fail with this probability; failed commits roll back and are retried.
     #[arg(long, value_name = "P")]
     inject_faults: Option<f64>,
+    /// How dirty pages are kept: KVM's bitmaps or its dirty ring.
+    #[arg(long, value_enum, default_value_t = DirtyLogArg::Bitmap)]
+    dirty_log: DirtyLogArg,
     /// Print the summary as JSON on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -56,6 +60,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         .file_name()
         .map_or_else(|| "trace".into(), |n| n.to_string_lossy().into_owned());
     let trigger = trigger(args.backend, args.trigger)?;
+    let dirty_ring = crate::stress::dirty_ring(args.backend, args.dirty_log)?;
     if args.backend == BackendArg::Soft {
         return run_soft(&args, &trace, &name);
     }
@@ -67,6 +72,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         loops: args.loops,
         seed: args.seed,
         inject_faults: crate::stress::probability(args.inject_faults)?,
+        dirty_ring,
     };
     let bar = Progress::new(None, format!("{name} / {}", config.strategy.name()));
     let report = replay(&trace, &name, &config, |done, total| bar.set(done, total))?;

@@ -60,6 +60,28 @@ impl From<WorkloadArg> for WorkloadKind {
     }
 }
 
+/// `--dirty-log`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DirtyLogArg {
+    /// KVM's per-slot bitmaps (`KVM_GET_DIRTY_LOG`).
+    Bitmap,
+    /// KVM's per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING`), 64 KiB each.
+    Ring,
+}
+
+/// The ring size for `--dirty-log` (kvm backend only).
+pub fn dirty_ring(backend: BackendArg, arg: DirtyLogArg) -> Result<Option<u32>, Box<dyn Error>> {
+    match (arg, backend) {
+        (DirtyLogArg::Bitmap, _) => Ok(None),
+        (DirtyLogArg::Ring, BackendArg::Kvm) => {
+            Ok(Some(memslots_testkit::stress::DIRTY_RING_BYTES))
+        }
+        (DirtyLogArg::Ring, BackendArg::Soft) => {
+            Err("--dirty-log ring needs --backend kvm (the soft backend has no dirty log)".into())
+        }
+    }
+}
+
 /// `--trigger`.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum TriggerArg {
@@ -122,6 +144,9 @@ pub struct Args {
     /// must roll back cleanly.
     #[arg(long, value_name = "P")]
     inject_faults: Option<f64>,
+    /// How dirty pages are kept: KVM's bitmaps or its dirty ring.
+    #[arg(long, value_enum, default_value_t = DirtyLogArg::Bitmap)]
+    dirty_log: DirtyLogArg,
     /// Print the summary as JSON on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -143,6 +168,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         }
     }
     let trigger = trigger(args.backend, args.trigger)?;
+    let dirty_ring = dirty_ring(args.backend, args.dirty_log)?;
     if args.backend == BackendArg::Kvm {
         require_kvm()?;
     }
@@ -159,6 +185,7 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         duration,
         seed: args.seed,
         inject_faults,
+        dirty_ring,
     };
     let bar = Progress::new(
         config.updates,

@@ -2,7 +2,7 @@
 
 mod support;
 
-use support::{kvm_usable, last_json, memslots, temp};
+use support::{keys, kvm_usable, last_json, memslots, temp};
 
 const TRACE: &str = "\
 kvm_set_user_memory Slot#0 flags=0x0 gpa=0x0 size=0xa0000 ua=0x7f0000000000 ret=0
@@ -29,6 +29,51 @@ fn trace_with_all_three_formats_is_predicted() {
     assert_eq!(json["rejected"], 1);
     assert_eq!(json["mismatches"], 0);
     assert!(json["first_mismatch"].is_null());
+    // A trace does not record the ioctl: under x86-64's limits (USER_MEMORY2) all are judged v2.
+    assert_eq!(json["v2_calls"], 6);
+    assert_eq!(json["guest_memfd_calls"], 0);
+    let want = [
+        "calls",
+        "accepted",
+        "rejected",
+        "v2_calls",
+        "guest_memfd_calls",
+        "mismatches",
+        "first_mismatch",
+        "diverged",
+    ];
+    assert_eq!(keys(&json), want.iter().map(|k| k.to_string()).collect());
+}
+
+#[test]
+fn guest_memfd_fields_of_a_trace_are_judged() {
+    // x86-64's default VM type takes no guest_memfd slot: the kernel said EINVAL. The fields
+    // are kept: an offset that is not page aligned would be refused for that first.
+    let trace = "kvm_set_user_memory AddrSpace#0 Slot#0 flags=0x0 gpa=0x0 size=0x1000 ua=0x7f0000000000 guest_memfd=-1 guest_memfd_offset=0x0 ret=0\n\
+         kvm_set_user_memory AddrSpace#0 Slot#1 flags=0x4 gpa=0x100000 size=0x1000 ua=0x7f0000001000 guest_memfd=12 guest_memfd_offset=0x2000 ret=-22\n";
+    let path = temp("gmem.log", trace);
+    let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
+    let json = last_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["guest_memfd_calls"], 1);
+    assert_eq!(json["mismatches"], 0);
+    // Claimed accepted, the GUEST_MEMFD call is a mismatch, and the call printed carries its fd.
+    let bad = trace.replace("ret=-22", "ret=0");
+    let path = temp("gmem-accepted.log", &bad);
+    let out = memslots(&["conformance", "--trace", path.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json = last_json(&out);
+    assert_eq!(json["first_mismatch"]["call"]["guest_memfd"], 12);
+    assert_eq!(json["first_mismatch"]["call"]["guest_memfd_offset"], 0x2000);
+    assert_eq!(
+        json["first_mismatch"]["model"]["rule"],
+        "guest_memfd_unsupported"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("guest_memfd=12 guest_memfd_offset=0x2000"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -92,6 +137,20 @@ fn live_conformance_json() {
     );
     assert_eq!(a + r, 20000);
     assert!(a > 0 && r > 0);
+    // Both ioctls where the kernel has v2; guest_memfd slots where the VM takes them.
+    let limits = *memslots::kvm::Vm::new().expect("a VM").limits();
+    let v2 = json["v2_calls"].as_u64().expect("v2_calls");
+    let memfd = json["guest_memfd_calls"]
+        .as_u64()
+        .expect("guest_memfd_calls");
+    eprintln!("v2 calls {v2}, guest_memfd calls {memfd}");
+    assert_eq!(v2 > 1000 && v2 < 19_000, limits.user_memory2, "{v2}");
+    assert_eq!(memfd > 1000, limits.guest_memfd, "{memfd}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("guest_memfd calls") && text.contains("slots created"),
+        "{text}"
+    );
 }
 
 #[test]

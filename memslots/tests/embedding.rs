@@ -48,6 +48,8 @@ fn slot(id: u16, gpa: u64, size: u64, host: u64, flags: SlotFlags) -> Slot {
         size,
         host,
         flags,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 
@@ -171,4 +173,17 @@ fn memory_registered_raw_is_checked_and_may_not_overlap() {
     let outside = slot(0, 0, PAGE_SIZE, host + 5 * PAGE_SIZE, SlotFlags::NONE);
     assert!(u.apply(&[outside.set_call()]).is_err());
     assert!(u.layout().is_empty());
+}
+
+#[test]
+fn memory_mapped_read_only_is_refused() {
+    let ro = vm_memory::mmap::MmapRegionBuilder::<()>::new(PAGE_SIZE as usize)
+        .with_mmap_prot(libc::PROT_READ)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+        .build()
+        .expect("mmap");
+    assert!(matches!(
+        Backing::from_mmap_region("ro", Arc::new(ro)),
+        Err(MemoryError::NotWritable { .. })
+    ));
 }

@@ -18,6 +18,8 @@ fn full_layout() -> (Layout, Vec<Slot>) {
             size: 2 * PAGE_SIZE,
             host: HOST + u64::from(id) * 2 * PAGE_SIZE,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         })
         .collect();
     let calls: Vec<SlotCall> = slots.iter().map(Slot::set_call).collect();

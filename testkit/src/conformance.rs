@@ -6,14 +6,23 @@
 //! state is probed with `KVM_GET_DIRTY_LOG` (absent, logging, or not logging), and calls that
 //! re-issue, move, resize or delete existing slots make any drift in the kernel's layout show as a
 //! disagreement in errno. [`run_trace`] predicts the result of each call of a QEMU trace.
+//!
+//! Calls go through both ioctls: `KVM_SET_USER_MEMORY_REGION2` where the kernel has it (about half
+//! of the plain calls, nearly all guest_memfd ones) and `KVM_SET_USER_MEMORY_REGION`. Where the VM
+//! takes guest_memfd slots, the run creates two guest_memfds (`KVM_CREATE_GUEST_MEMFD`) and tells
+//! the model their sizes, so binding rules are judged too; it never binds to an fd the model does
+//! not know (that is the kernel's call alone: see [`Rule`]).
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use serde::Serialize;
 
 use crate::trace::Trace;
 use memslots::kvm::{KvmError, Vm};
-use memslots::model::{Change, Layout, Limits, Rule, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
+use memslots::model::{
+    Change, Ioctl, Layout, Limits, Rule, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE,
+};
 
 /// What one side said of a call.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
@@ -84,6 +93,11 @@ pub struct Report {
     pub accepted: u64,
     /// Calls the kernel (or the trace) refused.
     pub rejected: u64,
+    /// Calls sent with `KVM_SET_USER_MEMORY_REGION2` (in a trace run, which does not record the
+    /// ioctl: calls judged as v2 calls, all of them under limits with `user_memory2`).
+    pub v2_calls: u64,
+    /// Calls with `KVM_MEM_GUEST_MEMFD` in their flags (valid or not).
+    pub guest_memfd_calls: u64,
     /// Disagreements.
     pub mismatches: u64,
     /// The first disagreement.
@@ -101,6 +115,12 @@ pub struct Report {
     /// how many of them the kernel accepted: the max-GFN rule's boundary.
     #[serde(skip)]
     pub at_max_gfn: (u64, u64),
+    /// guest_memfd slots the kernel (or the trace) created.
+    #[serde(skip)]
+    pub guest_memfd_slots: u64,
+    /// Why the random run could not bind guest_memfd slots on this VM, when it could not.
+    #[serde(skip)]
+    pub guest_memfd_unavailable: Option<String>,
 }
 
 /// Errors that stop a conformance run before it starts.
@@ -177,17 +197,54 @@ impl SplitMix64 {
 const POOL_PAGES: u64 = 16 * 1024; // 64 MiB of really mapped host memory
 const GPA_PAGES: u64 = 32 * 1024; // slots land in the first 128 MiB of GPA space, so they collide
 const IDS: u64 = 24;
+/// The guest_memfds' sizes: one roomy, one small enough that random ranges collide and overrun.
+/// Their memory is only allocated when faulted, which no vCPU does here.
+const GUEST_MEMFD_PAGES: [u64; 2] = [1024, 64];
 
 /// Makes random calls against a layout: valid ones and ones that break each rule.
 struct CallGen {
     rng: SplitMix64,
     pool: u64,
     limits: Limits,
+    /// The guest_memfds the model knows: (fd, pages).
+    guest_memfds: Vec<(u32, u64)>,
 }
 
 impl CallGen {
     fn flags(&mut self) -> u32 {
+        if !self.guest_memfds.is_empty() && self.rng.below(5) == 0 {
+            return SlotFlags::GUEST_MEMFD.bits();
+        }
         [0, 0, 1, 2, 3][self.rng.below(5) as usize]
+    }
+
+    /// A guest_memfd and an offset in it (now and then past its end). Every call carries one, so
+    /// a call that gains `GUEST_MEMFD` later names a file the model knows.
+    fn guest_memfd(&mut self) -> (u32, u64) {
+        match self.guest_memfds.len() {
+            0 => (0, 0),
+            n => {
+                let (fd, pages) = self.guest_memfds[self.rng.below(n as u64) as usize];
+                (fd, self.rng.below(pages + 16) * PAGE_SIZE)
+            }
+        }
+    }
+
+    /// The ioctl a call is sent with: v2 for nearly every guest_memfd call (v1 refuses the flag)
+    /// and half the others, v1 for the rest; now and then v2 on a kernel without it.
+    fn ioctl(&mut self, call: &SlotCall) -> Ioctl {
+        let v2 = if !self.limits.user_memory2 {
+            self.rng.below(64) == 0
+        } else if call.is_guest_memfd() {
+            self.rng.below(8) != 0
+        } else {
+            self.rng.below(2) == 0
+        };
+        if v2 {
+            Ioctl::V2
+        } else {
+            Ioctl::V1
+        }
     }
 
     fn space(&mut self) -> u16 {
@@ -200,16 +257,31 @@ impl CallGen {
         } else {
             1 + self.rng.below(64)
         };
+        let (guest_memfd, guest_memfd_offset) = self.guest_memfd();
         SlotCall {
             slot: SlotId::in_space(self.space(), self.rng.below(IDS) as u16).raw(),
             flags: self.flags(),
             gpa: self.rng.below(GPA_PAGES) * PAGE_SIZE,
             size: pages * PAGE_SIZE,
             host: self.pool + self.rng.below(POOL_PAGES - pages + 1) * PAGE_SIZE,
+            guest_memfd,
+            guest_memfd_offset,
         }
     }
 
-    fn next(&mut self, layout: &Layout) -> SlotCall {
+    /// The next call and the ioctl it goes through.
+    fn next(&mut self, layout: &Layout) -> (SlotCall, Ioctl) {
+        let mut call = self.pick(layout);
+        if self.guest_memfds.is_empty() && self.limits.guest_memfd {
+            // The VM takes guest_memfd slots but none could be made: a GUEST_MEMFD call would
+            // name an fd the model does not know.
+            call.flags &= !SlotFlags::GUEST_MEMFD.bits();
+        }
+        let ioctl = self.ioctl(&call);
+        (call, ioctl)
+    }
+
+    fn pick(&mut self, layout: &Layout) -> SlotCall {
         let existing = match layout.len() {
             0 => None,
             n => layout
@@ -250,6 +322,18 @@ impl CallGen {
                 flags: slot.flags.bits() ^ SlotFlags::LOG_DIRTY_PAGES.bits(),
                 ..slot.set_call()
             },
+            // A guest_memfd slot re-issued without GUEST_MEMFD, in place or moved.
+            68 | 69 if slot.is_guest_memfd() => SlotCall {
+                flags: 0,
+                gpa: if pick == 68 {
+                    slot.gpa
+                } else {
+                    self.rng.below(GPA_PAGES) * page
+                },
+                guest_memfd: 0,
+                guest_memfd_offset: 0,
+                ..slot.set_call()
+            },
             68..=71 => SlotCall {
                 flags: slot.flags.bits() ^ SlotFlags::READONLY.bits(),
                 ..slot.set_call()
@@ -280,7 +364,11 @@ impl CallGen {
         let l = self.limits;
         let page = PAGE_SIZE;
         let id = SlotId::from_raw(base.slot);
-        match self.rng.below(14) {
+        let memfd = SlotCall {
+            flags: SlotFlags::GUEST_MEMFD.bits(),
+            ..base
+        };
+        match self.rng.below(18) {
             0 => SlotCall {
                 flags: [4, 8, 0x10, 0x1_0000, 0x8000_0000, 5, 6][self.rng.below(7) as usize],
                 ..base
@@ -353,6 +441,23 @@ impl CallGen {
                     ..base
                 }
             }
+            14 => SlotCall {
+                guest_memfd_offset: memfd.guest_memfd_offset + 1 + self.rng.below(page - 1),
+                ..memfd
+            },
+            // The offset's wrap, and offsets the kernel's signed loff_t reads as negative.
+            15 => SlotCall {
+                guest_memfd_offset: !(page - 1) - self.rng.below(4) * page,
+                ..memfd
+            },
+            16 => SlotCall {
+                guest_memfd_offset: (1 << 63) + self.rng.below(4) * page,
+                ..memfd
+            },
+            17 => SlotCall {
+                flags: memfd.flags | [1, 2, 3][self.rng.below(3) as usize],
+                ..memfd
+            },
             _ => SlotCall {
                 size: 0,
                 host: base.host + 1,
@@ -360,6 +465,30 @@ impl CallGen {
             },
         }
     }
+}
+
+/// Two guest_memfds of `vm`, or why there are none.
+fn guest_memfds(vm: &Vm) -> Result<Vec<(OwnedFd, u64)>, String> {
+    if !vm.limits().guest_memfd {
+        return Err(if vm.limits().user_memory2 {
+            "this VM type has no guest_memfd (KVM_CAP_GUEST_MEMFD is 0 on the VM)".to_owned()
+        } else {
+            "this kernel has no KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2)".to_owned()
+        });
+    }
+    GUEST_MEMFD_PAGES
+        .iter()
+        .map(|&pages| {
+            vm.create_guest_memfd(pages * PAGE_SIZE)
+                .map(|fd| (fd, pages))
+                .map_err(|errno| {
+                    format!(
+                        "KVM_CREATE_GUEST_MEMFD failed: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    )
+                })
+        })
+        .collect()
 }
 
 /// Runs `run.ops` random calls against a fresh VM and the model.
@@ -373,22 +502,34 @@ pub fn run_random(run: RandomRun) -> Result<Report, ConformanceError> {
     let vm = Vm::new()?;
     let limits = run.model_limits.unwrap_or(*vm.limits());
     let mut layout = Layout::new(limits);
+    let mut report = Report::default();
+    let files = guest_memfds(&vm).unwrap_or_else(|why| {
+        report.guest_memfd_unavailable = Some(why);
+        Vec::new()
+    });
+    let mut known = Vec::new();
+    for (fd, pages) in &files {
+        let fd = fd.as_raw_fd() as u32;
+        layout.add_guest_memfd(fd, pages * PAGE_SIZE);
+        known.push((fd, *pages));
+    }
     let mut gen = CallGen {
         rng: SplitMix64::new(run.seed),
         pool: pool.as_ptr() as u64,
         limits: *vm.limits(),
+        guest_memfds: known,
     };
-    let mut report = Report::default();
     for index in 0..run.ops {
-        let call = gen.next(&layout);
-        // SAFETY: the pool outlives `vm` (it is dropped after it at the end of this function), and
-        // no vCPU exists, so slots over host ranges outside the pool (boundary probes) are never
-        // touched.
-        let kernel = unsafe { vm.set_region(&call) };
+        let (call, ioctl) = gen.next(&layout);
+        // SAFETY: the pool outlives `vm` and the guest_memfds, which keep the VM alive (all are
+        // dropped before it at the end of this function), and no vCPU exists, so slots over host
+        // ranges outside the pool (boundary probes) are never touched.
+        let kernel = unsafe { vm.set_region_ioctl(&call, ioctl) };
         let step = Step {
             index: index as usize,
             line: None,
             call,
+            ioctl,
             kernel,
         };
         if !step.compare(&mut layout, run.patch, &mut report) {
@@ -399,6 +540,7 @@ pub fn run_random(run: RandomRun) -> Result<Report, ConformanceError> {
         }
     }
     drop(vm);
+    drop(files);
     drop(pool);
     Ok(report)
 }
@@ -441,6 +583,7 @@ struct Step {
     index: usize,
     line: Option<usize>,
     call: SlotCall,
+    ioctl: Ioctl,
     kernel: Result<(), i32>,
 }
 
@@ -449,7 +592,12 @@ impl Step {
     /// and returns whether the run can go on.
     fn compare(&self, layout: &mut Layout, patch: Option<ModelPatch>, report: &mut Report) -> bool {
         report.calls += 1;
+        report.v2_calls += u64::from(self.ioctl == Ioctl::V2);
+        report.guest_memfd_calls += u64::from(self.call.is_guest_memfd());
         if self.kernel.is_ok() {
+            // An accepted GUEST_MEMFD call is a CREATE or a DELETE (the kernel changes no other).
+            report.guest_memfd_slots +=
+                u64::from(self.call.is_guest_memfd() && !self.call.is_delete());
             report.accepted += 1;
         } else {
             report.rejected += 1;
@@ -460,7 +608,7 @@ impl Step {
             report.at_max_gfn.0 += 1;
             report.at_max_gfn.1 += u64::from(self.kernel.is_ok());
         }
-        let mut predicted = layout.check(&self.call);
+        let mut predicted = layout.check_ioctl(&self.call, self.ioctl);
         if let Some(patch) = patch {
             predicted = patch(layout, &self.call, predicted);
         }
@@ -485,7 +633,7 @@ impl Step {
         }
         if self.kernel.is_ok() {
             // Follow the kernel. If the true rules refuse what the kernel did, the layouts part.
-            if layout.apply(&self.call).is_err() {
+            if layout.apply_ioctl(&self.call, self.ioctl).is_err() {
                 report.diverged = true;
                 return false;
             }
@@ -505,6 +653,8 @@ pub fn run_trace(trace: &Trace, limits: Limits) -> Report {
             index,
             line: Some(tc.line),
             call: tc.call,
+            // A trace does not say which ioctl QEMU used: judged as a backend here would send it.
+            ioctl: limits.ioctl(),
             kernel: tc.result(),
         };
         if !step.compare(&mut layout, None, &mut report) {

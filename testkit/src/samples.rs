@@ -79,6 +79,8 @@ pub fn dense_slot(i: u16) -> Slot {
         size: 2 * PAGE_SIZE,
         host: SAMPLE_HOST + u64::from(i) * 2 * PAGE_SIZE,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 

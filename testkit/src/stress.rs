@@ -58,7 +58,13 @@ pub struct StressConfig {
     pub seed: u64,
     /// Probability that a slot ioctl fails on purpose.
     pub inject_faults: Option<f64>,
+    /// Keep dirty pages with KVM's dirty ring (bytes per vCPU) instead of bitmaps.
+    pub dirty_ring: Option<u32>,
 }
+
+/// The dirty ring `--dirty-log ring` asks for: 64 KiB (4,096 entries) per vCPU, small enough
+/// that the `dirty` workload fills it and `KVM_EXIT_DIRTY_RING_FULL` is handled too.
+pub const DIRTY_RING_BYTES: u32 = 64 << 10;
 
 pub use crate::stats::Micros;
 use crate::stats::Samples;
@@ -392,7 +398,20 @@ impl std::fmt::Debug for WorkloadVm {
 impl WorkloadVm {
     /// A VM with `vcpus` vCPUs (not yet running) and the workload's first layout in place.
     pub fn new(kind: WorkloadKind, vcpus: usize, seed: u64) -> Result<Self, StressError> {
-        let mut vm = TestVm::new(TestVmConfig::new(vcpus, kind.arena_size()))?;
+        Self::with_dirty_ring(kind, vcpus, seed, None)
+    }
+
+    /// [`WorkloadVm::new`], keeping dirty pages with a dirty ring of `ring` bytes per vCPU.
+    pub fn with_dirty_ring(
+        kind: WorkloadKind,
+        vcpus: usize,
+        seed: u64,
+        ring: Option<u32>,
+    ) -> Result<Self, StressError> {
+        let mut vm = TestVm::new(TestVmConfig {
+            dirty_ring: ring,
+            ..TestVmConfig::new(vcpus, kind.arena_size())
+        })?;
         let arena = Arena {
             gpa: ARENA_GPA,
             host: vm.arena_host(),
@@ -504,7 +523,7 @@ pub fn run(
         return Err(StressError::Unbounded);
     }
     let kind = config.workload;
-    let mut run = WorkloadVm::new(kind, config.vcpus, config.seed)?;
+    let mut run = WorkloadVm::with_dirty_ring(kind, config.vcpus, config.seed, config.dirty_ring)?;
     run.start()?;
     if let Some(p) = config.inject_faults {
         run.vm_mut().inject_faults(Some(FaultInjector::Random {
@@ -561,6 +580,8 @@ pub struct ReplayConfig {
     pub seed: u64,
     /// Probability that a slot ioctl fails on purpose.
     pub inject_faults: Option<f64>,
+    /// Keep dirty pages with KVM's dirty ring (bytes per vCPU) instead of bitmaps.
+    pub dirty_ring: Option<u32>,
 }
 
 /// Why a trace could not be replayed.
@@ -959,6 +980,16 @@ impl TraceVm {
         vcpus: usize,
         strategy: Strategy,
     ) -> Result<Self, ReplayError> {
+        Self::with_dirty_ring(trace, vcpus, strategy, None)
+    }
+
+    /// [`TraceVm::new`], keeping dirty pages with a dirty ring of `ring` bytes per vCPU.
+    pub fn with_dirty_ring(
+        trace: &crate::trace::Trace,
+        vcpus: usize,
+        strategy: Strategy,
+        ring: Option<u32>,
+    ) -> Result<Self, ReplayError> {
         let limits = memslots::model::Limits::default();
         let commits = crate::replay::qemu_commits(trace, limits)?;
         if commits.len() < 2 {
@@ -992,6 +1023,7 @@ impl TraceVm {
             vcpus,
             arena_size: hosts.size,
             private_gpa: window,
+            dirty_ring: ring,
             ..TestVmConfig::new(vcpus, hosts.size)
         })
         .map_err(StressError::from)?;
@@ -1145,7 +1177,8 @@ pub fn replay(
     config: &ReplayConfig,
     mut progress: impl FnMut(u64, Option<u64>),
 ) -> Result<StressReport, ReplayError> {
-    let mut run = TraceVm::new(trace, config.vcpus, config.strategy)?;
+    let mut run =
+        TraceVm::with_dirty_ring(trace, config.vcpus, config.strategy, config.dirty_ring)?;
     run.start()?;
     if let Some(p) = config.inject_faults {
         run.vm_mut().inject_faults(Some(FaultInjector::Random {

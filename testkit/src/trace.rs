@@ -41,6 +41,29 @@ impl TraceCall {
     }
 }
 
+/// The call as newer QEMU prints it (`AddrSpace#`, the guest_memfd fields, no timestamp):
+/// [`Trace::parse`] reads it back to the same call.
+impl std::fmt::Display for TraceCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.call;
+        let id = c.id();
+        write!(
+            f,
+            "{EVENT} AddrSpace#{} Slot#{} flags={:#x} gpa={:#x} size={:#x} ua={:#x} \
+             guest_memfd={} guest_memfd_offset={:#x} ret={}",
+            id.address_space,
+            id.id,
+            c.flags,
+            c.gpa,
+            c.size,
+            c.host,
+            c.guest_memfd as i32,
+            c.guest_memfd_offset,
+            self.ret
+        )
+    }
+}
+
 /// The largest errno the kernel returns (`MAX_ERRNO`): `ret` is 0 or in `-4095..=-1`.
 pub const MAX_ERRNO: i32 = 4095;
 
@@ -326,6 +349,18 @@ fn number(field: &str, text: &str) -> Result<u64, String> {
     parsed.map_err(|_| format!("{field}: `{text}` is not a number that fits 64 bits"))
 }
 
+/// QEMU's `guest_memfd=%d`: -1 (no guest_memfd) and other negative ints are kept as the `u32` the
+/// kernel receives.
+fn guest_memfd_fd(text: &str) -> Result<u32, String> {
+    let fd = match text.strip_prefix('-') {
+        Some(_) => text.parse::<i32>().ok().map(|v| v as u32),
+        None => number("guest_memfd", text)
+            .ok()
+            .and_then(|v| u32::try_from(v).ok()),
+    };
+    fd.ok_or_else(|| format!("guest_memfd: `{text}` is not a 32-bit file descriptor"))
+}
+
 /// Sets a field once: a field given twice is an error, not "the last one wins".
 fn once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), String> {
     if slot.is_some() {
@@ -385,9 +420,11 @@ fn parse_line(bytes: &[u8], line: usize) -> Result<Option<TraceCall>, String> {
                         })?;
                     once(&mut ret, "ret=", r)?
                 }
-                // Newer QEMU: guest_memfd=FD guest_memfd_offset=OFF; not part of the v1 call.
-                "guest_memfd" => once(&mut memfd, "guest_memfd=", ())?,
-                "guest_memfd_offset" => once(&mut memfd_offset, "guest_memfd_offset=", ())?,
+                // Newer QEMU: guest_memfd=FD (a C int, -1 when unused) guest_memfd_offset=OFF.
+                "guest_memfd" => once(&mut memfd, "guest_memfd=", guest_memfd_fd(v)?)?,
+                "guest_memfd_offset" => {
+                    once(&mut memfd_offset, "guest_memfd_offset=", number(key, v)?)?
+                }
                 _ => return Err(format!("unknown field `{key}`")),
             }
         } else {
@@ -420,6 +457,8 @@ fn parse_line(bytes: &[u8], line: usize) -> Result<Option<TraceCall>, String> {
         gpa: need(gpa, "gpa=")?,
         size: need(size, "size=")?,
         host: need(ua, "ua=")?,
+        guest_memfd: memfd.unwrap_or(0),
+        guest_memfd_offset: memfd_offset.unwrap_or(0),
     };
     let ret = ret.ok_or_else(|| "no ret=".to_owned())?;
     Ok(Some(TraceCall { line, call, ret }))
@@ -556,6 +595,58 @@ mod tests {
         assert_eq!(runs.locate(0x2004_0000), None);
         assert_eq!(runs.locate(0x0fff_ffff), None);
         assert_eq!(runs.bytes(), 0xa1000 + 0x40000);
+    }
+
+    #[test]
+    fn guest_memfd_fields_are_kept_and_round_trip() {
+        let t = Trace::parse(&format!("{V9}\n{V72}\n")).unwrap();
+        assert_eq!(
+            t.calls[0].call.guest_memfd,
+            u32::MAX,
+            "-1 as the kernel gets it"
+        );
+        assert_eq!(t.calls[1].call.guest_memfd, 0, "absent: 0");
+        let private = "kvm_set_user_memory AddrSpace#0 Slot#3 flags=0x4 gpa=0x100000 \
+                       size=0x10000 ua=0x7f0000000000 guest_memfd=27 \
+                       guest_memfd_offset=0x20000 ret=-9";
+        let t = Trace::parse(&format!("{V72}\n{V8}\n{V9}\n{private}\n")).unwrap();
+        let c = t.calls[3].call;
+        assert_eq!(
+            (c.flags, c.guest_memfd, c.guest_memfd_offset),
+            (4, 27, 0x20000)
+        );
+        let text: String = t.calls.iter().map(|tc| format!("{tc}\n")).collect();
+        let again = Trace::parse(&text).unwrap();
+        let calls = |t: &Trace| t.calls.iter().map(|c| (c.call, c.ret)).collect::<Vec<_>>();
+        assert_eq!(calls(&again), calls(&t));
+        // Every committed trace round-trips too.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
+        for path in Trace::files_in(&dir).unwrap() {
+            let t = Trace::from_file(&path).unwrap();
+            let text: String = t.calls.iter().map(|tc| format!("{tc}\n")).collect();
+            assert_eq!(
+                calls(&Trace::parse(&text).unwrap()),
+                calls(&t),
+                "{}",
+                path.display()
+            );
+        }
+        for bad in [
+            "guest_memfd=x",
+            "guest_memfd=-2147483649",
+            "guest_memfd=4294967296",
+            "guest_memfd_offset=-1",
+            "guest_memfd=1 guest_memfd=1",
+        ] {
+            let line = format!("{V72} {bad}");
+            assert!(
+                matches!(
+                    Trace::parse(&line),
+                    Err(TraceError::Malformed { line: 1, .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -214,6 +214,8 @@ impl Workload {
                     size,
                     host: arena.host,
                     flags,
+                    guest_memfd: 0,
+                    guest_memfd_offset: 0,
                 }
             })
             .collect()

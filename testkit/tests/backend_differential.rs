@@ -102,6 +102,8 @@ fn primitives_plans_and_refusals_alike() {
         size: 64 * PAGE_SIZE,
         host,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     assert!(batch(&mut kvm, &[ram.set_call()]) && batch(&mut soft, &[ram.set_call()]));
     let (a, b) = (SlotId::new(1), SlotId::new(2));

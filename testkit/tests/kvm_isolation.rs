@@ -49,6 +49,8 @@ fn slot(vm: &TestVm, id: u16, gpa_off: u64, host_off: u64, pages: u64, flags: Sl
         size: pages * PAGE_SIZE,
         host: vm.arena_host() + host_off,
         flags,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 
@@ -394,6 +396,8 @@ fn a_device_snapshot_keeps_removed_memory_mapped_and_usable() {
         size: 4 * PAGE_SIZE,
         host,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     u.apply(&[s.set_call()]).expect("slot");
     b.write_u32(host + 3 * PAGE_SIZE, PATTERN);
@@ -451,6 +455,8 @@ fn memory_is_released_once_no_slot_refers_to_it_and_not_before() {
         size,
         host,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     table.call(&memory, &s.set_call()).expect("create");
     // Everything that owned the memory goes; the slot still refers to it.
@@ -525,6 +531,8 @@ fn no_path_creates_a_slot_over_memory_the_library_does_not_own() {
         size: pages * PAGE_SIZE,
         host,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     // A slot inside the owned backing, ending one page before its end.
     let base = at(0, 0, owned.host(), 3);

@@ -36,6 +36,8 @@ fn memfd_backing_is_seen_by_devices_through_the_published_view() {
         size: 1 << 20,
         host: b.host(),
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     u.apply(&[slot.set_call()]).expect("create");
     b.write_u32(b.host() + 0x2000, 0xfeed_f00d);
@@ -83,6 +85,8 @@ fn a_slot_over_memory_the_library_does_not_own_is_refused_before_the_kernel() {
             size: 0x2000, // the second one runs off the end of the owned backing
             host,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         };
         match u.apply(&[slot.set_call()]) {
             Err(ApplyError::RolledBack { source, .. }) => {
@@ -133,6 +137,8 @@ fn dirty_log_errors_reach_the_caller_and_stop_the_batch() {
         size: 1 << 20,
         host: b.host(),
         flags: SlotFlags::LOG_DIRTY_PAGES,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     u.apply(&[logged.set_call()]).expect("create");
     let err = u.dirty_pages().expect_err("no bitmap to read in ring mode");

@@ -127,6 +127,8 @@ fn quiesce_during_device_accesses(drop_exits: bool, n: usize) -> TestVm {
             size: 16 * PAGE_SIZE,
             host,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         }
         .set_call()])
         .expect("arena slot");
@@ -258,6 +260,8 @@ fn spin_vm_with(
         size: 1 << 20,
         host: ram.host(),
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     updater.apply(&[slot.set_call()]).expect("ram slot");
     let vcpus = (0..n)
@@ -644,6 +648,8 @@ fn the_device_view_has_every_region_after_every_batch() {
         size: 512 * PAGE_SIZE,
         host,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     vm.apply(&[ram.set_call()], Strategy::Atomic).expect("ram");
     // Shrink RAM (a hole: delete then re-create smaller), then create a region after the window.
@@ -657,6 +663,8 @@ fn the_device_view_has_every_region_after_every_batch() {
         size: 16 * PAGE_SIZE,
         host: host + 512 * PAGE_SIZE,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     let stats = vm
         .apply(

@@ -21,6 +21,7 @@ fn config(strategy: Strategy) -> ReplayConfig {
         loops: 2,
         seed: 1,
         inject_faults: None,
+        dirty_ring: None,
     }
 }
 

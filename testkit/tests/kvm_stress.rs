@@ -35,6 +35,7 @@ fn stress_with(
             duration: None,
             seed: 42,
             inject_faults: None,
+            dirty_ring: None,
         },
         |_, _| {},
     )

@@ -54,6 +54,8 @@ fn make(raw: &RawCall, layout: &Layout) -> SlotCall {
             gpa: raw.gpa * P,
             size: raw.pages * P,
             host: HOST + raw.host * P,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         },
     }
 }
@@ -180,6 +182,8 @@ fn batch_of_the_whole_slot_limit() {
             size: P,
             host: HOST + u64::from(id) * P,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         })
         .collect();
     let creates: Vec<SlotCall> = slots.iter().map(Slot::set_call).collect();

@@ -337,6 +337,8 @@ fn merge_costs_nothing_and_unplug_is_hole_free() {
                 size: r.size,
                 host: r.host,
                 flags: r.flags,
+                guest_memfd: 0,
+                guest_memfd_offset: 0,
             };
             l.apply(&slot.set_call()).unwrap();
         }

@@ -15,6 +15,8 @@ fn slot(id: u16, page: u64, pages: u64, host: u64) -> Slot {
         size: pages * PAGE_SIZE,
         host,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 

@@ -153,6 +153,8 @@ fn pam_split_lowers_to_split_and_shrink() {
         size: 256 * PAGE_SIZE,
         host,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     let mut before = Layout::new(Limits::default());
     before.apply(&ram.set_call()).unwrap();
@@ -167,6 +169,8 @@ fn pam_split_lowers_to_split_and_shrink() {
         size: 64 * PAGE_SIZE,
         host: host + 192 * PAGE_SIZE,
         flags: SlotFlags::READONLY,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     };
     let qemu = [ram.delete_call(), low.set_call(), rom.set_call()];
     let mut after = before.clone();

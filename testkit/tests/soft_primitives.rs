@@ -16,6 +16,8 @@ fn ram() -> Slot {
         size: PAGES * PAGE_SIZE,
         host: HOST,
         flags: SlotFlags::NONE,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 

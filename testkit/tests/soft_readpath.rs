@@ -25,6 +25,8 @@ fn slots() -> Slots {
             size: 16 * PAGE_SIZE,
             host: 0x7f00_0000_0000 + u64::from(i) * 16 * PAGE_SIZE,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         })));
     }
     s
@@ -79,6 +81,8 @@ fn compare_read_paths() {
             size: PAGE_SIZE,
             host: 0x7f10_0000_0000,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         });
         let (mut n, t) = (0u64, Instant::now());
         let mut op = SetOp::Insert(extra);

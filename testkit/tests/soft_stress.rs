@@ -21,6 +21,7 @@ fn config(strategy: Strategy, workload: WorkloadKind, updates: u64) -> StressCon
         duration: None,
         seed: 7,
         inject_faults: None,
+        dirty_ring: None,
     }
 }
 

@@ -34,6 +34,8 @@ impl Filled {
                 size: PAGE_SIZE,
                 host: base + u64::from(id) * PAGE_SIZE,
                 flags: SlotFlags::NONE,
+                guest_memfd: 0,
+                guest_memfd_offset: 0,
             };
             // SAFETY: `pool` lives as long as `vm` (see the field order of `Filled`); no vCPU runs.
             unsafe { vm.set_region(&slot.set_call()) }
@@ -45,6 +47,8 @@ impl Filled {
             size: PAGE_SIZE,
             host: base + u64::from(n) * PAGE_SIZE,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         };
         Ok(Filled {
             vm,

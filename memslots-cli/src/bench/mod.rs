@@ -2,6 +2,7 @@
 
 mod blackout;
 mod boot;
+mod dirty;
 mod harness;
 mod ioctl;
 mod machine;
@@ -35,14 +36,15 @@ pub struct Args {
     /// Directory of committed QEMU traces (`*.log`).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/traces"))]
     traces: PathBuf,
-    /// Run only these sections (ioctl, blackout, kick, soft, planner, traces, boot); default all.
+    /// Run only these sections (ioctl, blackout, kick, soft, planner, traces, dirty, boot); default
+    /// all.
     #[arg(long, value_delimiter = ',', value_parser = SECTIONS)]
     only: Vec<String>,
 }
 
 /// The sections `--only` may name; anything else is a usage error (exit 2), not a run of nothing.
-const SECTIONS: [&str; 7] = [
-    "ioctl", "blackout", "kick", "soft", "planner", "traces", "boot",
+const SECTIONS: [&str; 8] = [
+    "ioctl", "blackout", "kick", "soft", "planner", "traces", "dirty", "boot",
 ];
 
 /// The committed traces in `dir`, sorted.
@@ -90,6 +92,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         ("soft", Box::new(|| soft::run(q))),
         ("planner", Box::new(|| planner::run(q, &args.traces))),
         ("traces", Box::new(|| blackout::traces(q, &args.traces))),
+        ("dirty", Box::new(|| dirty::run(q))),
         ("boot", Box::new(|| boot::run(q))),
     ];
     sections.retain(|(what, _)| args.only.is_empty() || args.only.iter().any(|o| o == what));

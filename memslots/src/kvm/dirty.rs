@@ -173,6 +173,16 @@ impl DirtyLog {
         }
     }
 
+    /// Adds `pages` (from another log) to these.
+    pub fn absorb(&mut self, pages: DirtyPages) {
+        for b in pages.bitmaps {
+            let into = self.bitmap(&b.backing);
+            for (w, word) in into.bits.iter_mut().zip(&b.bits) {
+                *w |= word;
+            }
+        }
+    }
+
     /// Returns and clears the dirty pages.
     pub fn take(&mut self) -> DirtyPages {
         let bitmaps = std::mem::take(&mut self.bitmaps)

@@ -556,6 +556,7 @@ impl Drop for Quiesced<'_> {
 pub struct GateVcpu {
     ticket: VcpuTicket,
     vcpu: kvm_ioctls::VcpuFd,
+    ring: Option<Arc<super::DirtyRing>>,
 }
 
 impl GateVcpu {
@@ -568,7 +569,16 @@ impl GateVcpu {
         Ok(GateVcpu {
             ticket: gate.register(index, &vcpu)?,
             vcpu,
+            ring: None,
         })
+    }
+
+    /// Handles `KVM_EXIT_DIRTY_RING_FULL` in [`GateVcpu::run`] by reaping `ring` before the vCPU
+    /// enters again. A VMM with its own loop does the same: on that exit
+    /// ([`EXIT_DIRTY_RING_FULL`](super::EXIT_DIRTY_RING_FULL), `VcpuExit::Unsupported` in
+    /// kvm-ioctls) it calls [`DirtyRing::reap`](super::DirtyRing::reap) before re-entering.
+    pub fn set_dirty_ring(&mut self, ring: Arc<super::DirtyRing>) {
+        self.ring = Some(ring);
     }
 
     /// The vCPU, for register access between runs.
@@ -582,12 +592,19 @@ impl GateVcpu {
         &mut self.vcpu
     }
 
-    /// One `KVM_RUN` through the gate. `Ok(None)`: interrupted by a kick (call again; it waits
-    /// while a quiesce holds); `Ok(Some(exit))`: an exit for the VMM to handle before the next
+    /// One `KVM_RUN` through the gate. `Ok(None)`: interrupted by a kick, or a full dirty ring
+    /// reaped (call again; it waits while a quiesce holds); `Ok(Some(exit))`: an exit for the VMM to handle before the next
     /// call (KVM completes an MMIO/PIO exit on that next entry).
     pub fn run(&mut self) -> Result<Option<kvm_ioctls::VcpuExit<'_>>, kvm_ioctls::Error> {
         let vcpu = &mut self.vcpu;
         match self.ticket.run(move || vcpu.run()) {
+            Ok(kvm_ioctls::VcpuExit::Unsupported(super::EXIT_DIRTY_RING_FULL))
+                if self.ring.is_some() =>
+            {
+                let ring = self.ring.as_ref().expect("checked");
+                ring.reap().map_err(kvm_ioctls::Error::new)?;
+                Ok(None)
+            }
             Ok(exit) => Ok(Some(exit)),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
             Err(e) => Err(e),

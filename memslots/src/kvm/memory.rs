@@ -38,6 +38,12 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    /// Registered memory must be mapped writable (KVM makes a slot read-only, not the mapping).
+    #[error("memory {name} is not mapped writable")]
+    NotWritable {
+        /// Its name.
+        name: String,
+    },
     /// Registered memory may not overlap other registered memory.
     #[error("memory {name} overlaps memory {other}, which is registered")]
     Overlap {
@@ -101,6 +107,13 @@ impl Backing {
         B: Bitmap + Send + Sync + 'static,
     {
         let (host, size) = (region.as_ptr() as u64, region.size() as u64);
+        // A read-only mapping would fault in the kernel on a guest write and crash a device
+        // thread writing through the view.
+        if region.prot() & libc::PROT_WRITE == 0 {
+            return Err(MemoryError::NotWritable {
+                name: name.to_owned(),
+            });
+        }
         let file = region.file_offset().cloned();
         // SAFETY: `region` maps `[host, host + size)` for as long as it lives, and it becomes the
         // backing's owner; a `MmapRegion` is only unmapped by its own drop.

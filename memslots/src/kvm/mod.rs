@@ -10,6 +10,7 @@
 mod dirty;
 mod gate;
 mod memory;
+mod ring;
 mod slots;
 mod updater;
 mod view;
@@ -20,6 +21,7 @@ pub use gate::{
     GateVcpu, Kick, KickError, KickTarget, QuiesceTimes, Quiesced, SignalKick, VcpuGate, VcpuTicket,
 };
 pub use memory::{Backing, HostMemory, MemoryError, HUGE_PAGE};
+pub use ring::{DirtyRing, RingError, EXIT_DIRTY_RING_FULL};
 pub use slots::{FaultHook, SlotCallError, SlotTable};
 pub use updater::{
     ApplyError, ApplyPrimitiveError, ApplyStats, DirtyBits, Hold, SlotUpdater, UpdateObserver,

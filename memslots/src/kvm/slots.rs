@@ -119,6 +119,14 @@ impl SlotTable {
         self.ioctls
     }
 
+    /// Tells the model about a guest_memfd of this VM, so that a `GUEST_MEMFD` call binding past
+    /// its end or over a bound range is refused before the kernel is asked
+    /// ([`Layout::add_guest_memfd`]); binding to a guest_memfd it does not know is left to the
+    /// kernel.
+    pub fn add_guest_memfd(&mut self, fd: u32, size: u64) {
+        self.layout.add_guest_memfd(fd, size);
+    }
+
     /// Sets (or clears) the fault hook.
     pub fn inject(&mut self, injector: Option<Box<dyn FaultHook>>) {
         self.injector = injector;

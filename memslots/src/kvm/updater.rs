@@ -18,6 +18,7 @@ use crate::model::{
 use super::dirty::{DirtyLog, DirtyLogError, DirtyPages};
 use super::gate::{QuiesceTimes, VcpuGate};
 use super::memory::{Backing, HostMemory, MemoryError};
+use super::ring::DirtyRing;
 use super::slots::{FaultHook, SlotCallError, SlotTable};
 use super::view::{self, Prepared, TypedView, View, ViewBitmap};
 use super::vm::SlotVm;
@@ -121,6 +122,7 @@ pub struct SlotUpdater {
     gate: Arc<VcpuGate>,
     /// Always `Some` but in `drop`.
     view: Option<Box<dyn View>>,
+    ring: Option<Arc<DirtyRing>>,
     /// The view `new` made, for [`SlotUpdater::device_memory`]; `None` with the VMM's own.
     own_view: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     observer: Option<Arc<dyn UpdateObserver>>,
@@ -166,6 +168,7 @@ impl SlotUpdater {
             gate,
             view: Some(Box::new(TypedView::new(view))),
             own_view: None,
+            ring: None,
             observer: None,
         };
         updater.publish();
@@ -183,10 +186,49 @@ impl SlotUpdater {
         Ok(self.memory.add(backing))
     }
 
+    /// Keeps dirty pages with KVM's dirty ring instead of bitmaps (`ring` enabled on this updater's
+    /// VM): every reap and id change goes through it, so entries are translated through the slot
+    /// they were pushed for. Set it before any logging slot exists; `false` (and nothing changed)
+    /// otherwise.
+    pub fn set_dirty_ring(&mut self, ring: Arc<DirtyRing>) -> bool {
+        if self.layout().slots().any(|s| s.flags.log_dirty()) {
+            return false;
+        }
+        self.ring = Some(ring);
+        true
+    }
+
+    /// The dirty ring, if the updater keeps dirty pages with one.
+    pub fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {
+        self.ring.as_ref()
+    }
+
+    /// One slot call through the slot table, with the ring's id table kept in step.
+    fn slot_call(&mut self, call: &SlotCall, injectable: bool) -> Result<Applied, SlotCallError> {
+        let (slots, memory) = (&mut self.slots, &self.memory);
+        let mut make = || {
+            let applied = if injectable {
+                slots.call(memory, call)?
+            } else {
+                slots.call_uninjected(memory, call)?
+            };
+            Ok((applied, slots.backing(call.slot).cloned()))
+        };
+        match self.ring.clone() {
+            Some(ring) => ring.around(make),
+            None => make().map(|(a, _)| a),
+        }
+    }
+
     /// Unregisters memory: no new slot may map it. Slots and views that do keep it mapped until
     /// they go. Returns whether it was registered.
     pub fn remove_backing(&mut self, backing: &Arc<Backing>) -> bool {
         self.memory.remove(backing)
+    }
+
+    /// Tells the model about a guest_memfd of this VM: [`SlotTable::add_guest_memfd`].
+    pub fn add_guest_memfd(&mut self, fd: u32, size: u64) {
+        self.slots.add_guest_memfd(fd, size);
     }
 
     /// Sets the observer told about every update.
@@ -234,6 +276,18 @@ impl SlotUpdater {
     /// On an error (the VM in dirty-ring mode, say) nothing is handed out: the bits already read
     /// are kept for the next call.
     pub fn dirty_pages(&mut self) -> Result<DirtyPages, DirtyLogError> {
+        if let Some(ring) = self.ring.clone() {
+            // One reap covers every slot; an error names no slot in particular.
+            ring.reap().map_err(|errno| DirtyLogError {
+                slot: crate::model::SlotId::new(0),
+                errno,
+            })?;
+            self.dirty.absorb(ring.take());
+            if let Some(view) = self.view.as_mut() {
+                view.drain(&mut self.dirty);
+            }
+            return Ok(self.dirty.take());
+        }
         let logging: Vec<Slot> = self
             .layout()
             .slots()
@@ -251,6 +305,13 @@ impl SlotUpdater {
 
     /// Reads `slot`'s bitmap (the slot must exist) into its backing's.
     fn collect(&mut self, slot: &Slot) -> Result<u64, DirtyLogError> {
+        if let Some(ring) = &self.ring {
+            // Every ring, every slot: with the vCPUs held out, nothing of `slot` is left behind.
+            return ring.reap().map_err(|errno| DirtyLogError {
+                slot: slot.id,
+                errno,
+            });
+        }
         let backing = self
             .slots
             .backing(slot.id.raw())
@@ -438,7 +499,7 @@ impl SlotUpdater {
                     slot: e.slot,
                     errno: e.errno,
                 }),
-                None => self.slots.call(&self.memory, call),
+                None => self.slot_call(call, true),
             };
             if held.is_some() {
                 quiesced_ioctls += self.slots.ioctls() - ioctls;
@@ -461,7 +522,7 @@ impl SlotUpdater {
                         }
                         let undo = inverse(a);
                         let before = self.slots.ioctls();
-                        if let Err(e) = self.slots.call_uninjected(&self.memory, &undo) {
+                        if let Err(e) = self.slot_call(&undo, false) {
                             self.publish();
                             hold.resume();
                             return (Some(Err((i, e))), None, quiesced_ioctls);

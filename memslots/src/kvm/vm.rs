@@ -2,13 +2,17 @@
 //! to implement over its own abstraction (as Cloud Hypervisor's `hypervisor::Vm` is); implemented
 //! here for `kvm_ioctls::VmFd` (a VMM's own VM fd) and for [`Vm`] (one memslots creates).
 
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
 use kvm_bindings::{
-    kvm_userspace_memory_region, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_GPA_BITS,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_create_guest_memfd, kvm_userspace_memory_region, kvm_userspace_memory_region2,
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_VM_GPA_BITS, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
-use crate::model::{Limits, SlotCall};
+use crate::model::{Ioctl, Limits, SlotCall};
 
 /// Errors from `/dev/kvm`.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +35,10 @@ pub trait SlotVm: Send + Sync + std::fmt::Debug {
     /// The limits the kernel reports for this VM (read once, when a slot table is made).
     fn limits(&self) -> Limits;
 
-    /// Makes one raw `KVM_SET_USER_MEMORY_REGION` call; `Err` carries the kernel's errno.
+    /// Makes one raw slot call, with `KVM_SET_USER_MEMORY_REGION2` where the kernel has it
+    /// (the ioctl [`Limits::ioctl`] names: the model judges calls as sent that way) and
+    /// `KVM_SET_USER_MEMORY_REGION` otherwise; `Err` carries the kernel's errno. A
+    /// `GUEST_MEMFD` call therefore reaches the kernel only through v2.
     ///
     /// # Safety
     ///
@@ -44,6 +51,32 @@ pub trait SlotVm: Send + Sync + std::fmt::Debug {
     /// `size` bytes; `Err` carries the kernel's errno (`ENOENT` when the slot does not exist or
     /// does not log dirty pages).
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32>;
+
+    /// The largest dirty ring per vCPU the kernel allows, in bytes (0: none).
+    fn dirty_ring_max(&self) -> u32 {
+        0
+    }
+
+    /// Puts the VM in dirty-ring mode with rings of `bytes` per vCPU (before any vCPU exists).
+    fn enable_dirty_ring(&self, _bytes: u32) -> Result<(), i32> {
+        Err(libc::ENOTTY)
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`: re-protects the pages of harvested ring entries and frees them.
+    fn reset_dirty_rings(&self) -> Result<u32, i32> {
+        Err(libc::ENOTTY)
+    }
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
+
+/// The dirty-ring capability to enable: the acquire/release one where the kernel has it.
+fn ring_cap(vm: &VmFd) -> Option<(u32, u32)> {
+    [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING]
+        .into_iter()
+        .map(|cap| (cap, vm.check_extension_raw(cap.into())))
+        .find(|&(_, max)| max > 0)
+        .map(|(cap, max)| (cap, u32::try_from(max).unwrap_or(u32::MAX)))
 }
 
 impl SlotVm for VmFd {
@@ -56,14 +89,57 @@ impl SlotVm for VmFd {
     }
 
     unsafe fn set_region(&self, call: &SlotCall) -> Result<(), i32> {
+        // The capability is the kernel's, not the VM's: asked once per process.
+        static USER_MEMORY2: OnceLock<bool> = OnceLock::new();
+        let v2 = *USER_MEMORY2.get_or_init(|| self.check_extension(Cap::UserMemory2));
+        let ioctl = if v2 { Ioctl::V2 } else { Ioctl::V1 };
         // SAFETY: the caller guarantees the host range outlives the slot (see the trait).
-        unsafe { self.set_user_memory_region(region_of(call)) }.map_err(|e| e.errno())
+        unsafe { set_region_with(self, call, ioctl) }
     }
 
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
         self.get_dirty_log(slot, size as usize)
             .map_err(|e| e.errno())
     }
+
+    fn dirty_ring_max(&self) -> u32 {
+        ring_cap(self).map_or(0, |(_, max)| max)
+    }
+
+    fn enable_dirty_ring(&self, bytes: u32) -> Result<(), i32> {
+        let (cap, _) = ring_cap(self).ok_or(libc::EINVAL)?;
+        let enable = kvm_bindings::kvm_enable_cap {
+            cap,
+            args: [u64::from(bytes), 0, 0, 0],
+            ..Default::default()
+        };
+        self.enable_cap(&enable).map_err(|e| e.errno())
+    }
+
+    fn reset_dirty_rings(&self) -> Result<u32, i32> {
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches the VM's own rings.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl(self, KVM_RESET_DIRTY_RINGS()) };
+        if ret < 0 {
+            Err(vmm_sys_util::errno::Error::last().errno())
+        } else {
+            Ok(ret as u32)
+        }
+    }
+}
+
+/// One slot call through the given ioctl.
+///
+/// # Safety
+///
+/// As [`SlotVm::set_region`].
+unsafe fn set_region_with(vm: &VmFd, call: &SlotCall, ioctl: Ioctl) -> Result<(), i32> {
+    let result = match ioctl {
+        // SAFETY: the caller guarantees the host range outlives the slot (see the trait).
+        Ioctl::V1 => unsafe { vm.set_user_memory_region(region_of(call)) },
+        // SAFETY: as above; the guest_memfd (if any) is the kernel's to check.
+        Ioctl::V2 => unsafe { vm.set_user_memory_region2(region2_of(call)) },
+    };
+    result.map_err(|e| e.errno())
 }
 
 impl<T: SlotVm + ?Sized> SlotVm for std::sync::Arc<T> {
@@ -79,6 +155,18 @@ impl<T: SlotVm + ?Sized> SlotVm for std::sync::Arc<T> {
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
         (**self).dirty_log(slot, size)
     }
+
+    fn dirty_ring_max(&self) -> u32 {
+        (**self).dirty_ring_max()
+    }
+
+    fn enable_dirty_ring(&self, bytes: u32) -> Result<(), i32> {
+        (**self).enable_dirty_ring(bytes)
+    }
+
+    fn reset_dirty_rings(&self) -> Result<u32, i32> {
+        (**self).reset_dirty_rings()
+    }
 }
 
 /// A VM on `/dev/kvm` that memslots creates, and the limits its kernel reports.
@@ -90,7 +178,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens `/dev/kvm` and creates a VM.
+    /// Opens `/dev/kvm` and creates a VM (the default VM type; on x86 guest_memfd slots need a
+    /// kernel built with `CONFIG_KVM_GUEST_MEMFD`, 6.17 or later, or another VM type).
     pub fn new() -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
@@ -113,14 +202,40 @@ impl Vm {
         &self.fd
     }
 
-    /// Makes one raw `KVM_SET_USER_MEMORY_REGION` call; `Err` carries the kernel's errno.
+    /// Makes one raw slot call with the ioctl [`Limits::ioctl`] names (v2 where the kernel has
+    /// it); `Err` carries the kernel's errno.
     ///
     /// # Safety
     ///
     /// As [`SlotVm::set_region`].
     pub unsafe fn set_region(&self, call: &SlotCall) -> Result<(), i32> {
         // SAFETY: the caller's guarantee, passed on.
-        unsafe { SlotVm::set_region(&self.fd, call) }
+        unsafe { self.set_region_ioctl(call, self.limits.ioctl()) }
+    }
+
+    /// Makes one raw slot call with the ioctl given (v2 on a kernel without it fails with
+    /// `ENOTTY`, as the model says); `Err` carries the kernel's errno.
+    ///
+    /// # Safety
+    ///
+    /// As [`SlotVm::set_region`].
+    pub unsafe fn set_region_ioctl(&self, call: &SlotCall, ioctl: Ioctl) -> Result<(), i32> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { set_region_with(&self.fd, call, ioctl) }
+    }
+
+    /// Creates a guest_memfd of `size` bytes for this VM (`KVM_CREATE_GUEST_MEMFD`, no flags);
+    /// `Err` carries the kernel's errno. Slots bind to it with `GUEST_MEMFD`; tell a model about
+    /// it with [`Layout::add_guest_memfd`](crate::model::Layout::add_guest_memfd).
+    pub fn create_guest_memfd(&self, size: u64) -> Result<OwnedFd, i32> {
+        let args = kvm_create_guest_memfd {
+            size,
+            flags: 0,
+            reserved: [0; 6],
+        };
+        let fd = self.fd.create_guest_memfd(args).map_err(|e| e.errno())?;
+        // SAFETY: the kernel just returned this fd, open and owned by nothing else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     /// Reads and clears the dirty bitmap of a slot: [`SlotVm::dirty_log`].
@@ -142,6 +257,18 @@ impl SlotVm for Vm {
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, i32> {
         Vm::dirty_log(self, slot, size)
     }
+
+    fn dirty_ring_max(&self) -> u32 {
+        self.fd.dirty_ring_max()
+    }
+
+    fn enable_dirty_ring(&self, bytes: u32) -> Result<(), i32> {
+        self.fd.enable_dirty_ring(bytes)
+    }
+
+    fn reset_dirty_rings(&self) -> Result<u32, i32> {
+        self.fd.reset_dirty_rings()
+    }
 }
 
 /// The raw region of a call.
@@ -152,6 +279,20 @@ fn region_of(call: &SlotCall) -> kvm_userspace_memory_region {
         guest_phys_addr: call.gpa,
         memory_size: call.size,
         userspace_addr: call.host,
+    }
+}
+
+/// The v2 region of a call.
+fn region2_of(call: &SlotCall) -> kvm_userspace_memory_region2 {
+    kvm_userspace_memory_region2 {
+        slot: call.slot,
+        flags: call.flags,
+        guest_phys_addr: call.gpa,
+        memory_size: call.size,
+        userspace_addr: call.host,
+        guest_memfd_offset: call.guest_memfd_offset,
+        guest_memfd: call.guest_memfd,
+        ..Default::default()
     }
 }
 
@@ -177,13 +318,16 @@ fn limits_from_caps(vm: &VmFd) -> Limits {
     let defaults = Limits::default();
     let slots = vm.check_extension_int(Cap::NrMemslots);
     let spaces = vm.check_extension_raw(KVM_CAP_MULTI_ADDRESS_SPACE.into());
+    let user_memory2 = vm.check_extension(Cap::UserMemory2);
     Limits {
         slots: u16::try_from(slots).unwrap_or(defaults.slots),
         // 0 means the capability is absent: one address space.
         address_spaces: u16::try_from(spaces.max(1)).unwrap_or(1),
         readonly: vm.check_extension(Cap::ReadonlyMem),
-        // This library drives the v1 ioctl, which never accepts GUEST_MEMFD.
-        guest_memfd: false,
+        user_memory2,
+        // Asked of the VM: before 6.17 it depends on the VM type (private memory). Only v2
+        // carries the flag, so without v2 this VM never takes it.
+        guest_memfd: user_memory2 && vm.check_extension(Cap::GuestMemfd),
         ..defaults
     }
 }

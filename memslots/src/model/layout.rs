@@ -5,7 +5,10 @@ use std::ops::Bound;
 
 use super::limits::Limits;
 use super::rules::{Change, Rule};
-use super::slot::{Slot, SlotCall, SlotFlags, SlotId};
+use super::slot::{Ioctl, Slot, SlotCall, SlotFlags, SlotId};
+
+/// The flags `KVM_SET_USER_MEMORY_REGION` (v1) accepts at all.
+const V1_FLAGS: u32 = SlotFlags::LOG_DIRTY_PAGES.bits() | SlotFlags::READONLY.bits();
 
 /// What one accepted call did: the change, and the slot before and after (for undo and analysis).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -65,7 +68,7 @@ pub struct Segment {
 ///
 /// let mut layout = Layout::new(Limits::default());
 /// let ram = Slot { id: SlotId::new(0), gpa: 0, size: 0x10_0000, host: 0x7f00_0000_0000,
-///                  flags: SlotFlags::NONE };
+///                  flags: SlotFlags::NONE, guest_memfd: 0, guest_memfd_offset: 0 };
 /// assert_eq!(layout.apply(&ram.set_call()).unwrap().change, Change::Create);
 /// assert_eq!(layout.translate(0, 0x1234), Some(0x7f00_0000_1234));
 /// // KVM cannot resize a slot in place.
@@ -77,6 +80,10 @@ pub struct Layout {
     limits: Limits,
     slots: BTreeMap<SlotId, Slot>,
     by_gpa: BTreeMap<(u16, u64), u16>,
+    /// guest_memfds the model was told about: fd -> size in bytes.
+    guest_memfds: BTreeMap<u32, u64>,
+    /// Ranges of guest_memfds bound to slots: (fd, first byte) -> (one past the last, slot).
+    bindings: BTreeMap<(u32, u64), (u64, SlotId)>,
 }
 
 impl Layout {
@@ -86,7 +93,29 @@ impl Layout {
             limits,
             slots: BTreeMap::new(),
             by_gpa: BTreeMap::new(),
+            guest_memfds: BTreeMap::new(),
+            bindings: BTreeMap::new(),
         }
+    }
+
+    /// Tells the model that `fd` is a guest_memfd of this VM (`KVM_CREATE_GUEST_MEMFD`) of
+    /// `size` bytes, so that a CREATE binding to it is judged: its range must lie inside the file
+    /// and must not be bound to another slot. Binding to an fd the model was not told about is
+    /// left to the kernel (see [`Rule`]).
+    pub fn add_guest_memfd(&mut self, fd: u32, size: u64) {
+        self.guest_memfds.insert(fd, size);
+    }
+
+    /// Forgets a guest_memfd (its file was closed: the kernel drops its bindings, and the fd
+    /// number may come back as another file). Slots bound to it stay until deleted.
+    pub fn remove_guest_memfd(&mut self, fd: u32) {
+        self.guest_memfds.remove(&fd);
+        self.bindings.retain(|&(f, _), _| f != fd);
+    }
+
+    /// The size of a guest_memfd the model was told about.
+    pub fn guest_memfd_size(&self, fd: u32) -> Option<u64> {
+        self.guest_memfds.get(&fd).copied()
     }
 
     /// The limits this layout is checked against.
@@ -208,16 +237,32 @@ impl Layout {
         None
     }
 
-    /// Checks one call against KVM's rules without changing anything.
+    /// Checks one call against KVM's rules without changing anything, as a backend sends it
+    /// ([`Limits::ioctl`]: v2 where the kernel has it).
     ///
-    /// Rules are checked in the kernel's order (`kvm_vm_ioctl_set_memory_region`, then
-    /// `kvm_set_memory_region`), so the first broken rule is the one named.
+    /// Rules are checked in the kernel's order (`kvm_vm_ioctl`, `kvm_vm_ioctl_set_memory_region`,
+    /// then `kvm_set_memory_region` and `kvm_gmem_bind`), so the first broken rule is the one
+    /// named.
     pub fn check(&self, call: &SlotCall) -> Result<Change, Rule> {
-        self.check_inner(call).map(|(change, _)| change)
+        self.check_ioctl(call, self.limits.ioctl())
     }
 
-    fn check_inner(&self, call: &SlotCall) -> Result<(Change, Option<Slot>), Rule> {
+    /// [`Layout::check`] for a call made with `ioctl`.
+    pub fn check_ioctl(&self, call: &SlotCall, ioctl: Ioctl) -> Result<Change, Rule> {
+        self.check_inner(&call.as_sent(ioctl), ioctl)
+            .map(|(change, _)| change)
+    }
+
+    fn check_inner(&self, call: &SlotCall, ioctl: Ioctl) -> Result<(Change, Option<Slot>), Rule> {
         let l = &self.limits;
+        match ioctl {
+            Ioctl::V2 if !l.user_memory2 => return Err(Rule::V2Unsupported),
+            // kvm_vm_ioctl refuses v1's other flags before the slot is even looked at.
+            Ioctl::V1 if call.flags & !V1_FLAGS != 0 => {
+                return Err(Rule::FlagsNeedV2 { flags: call.flags })
+            }
+            _ => {}
+        }
         let id = call.id();
         if !l.id_in_range(id.id) {
             return Err(Rule::SlotIdOutOfRange {
@@ -225,22 +270,7 @@ impl Layout {
                 limit: l.slots,
             });
         }
-        let flags = call.slot_flags();
-        let mut valid = SlotFlags::LOG_DIRTY_PAGES.bits();
-        let memfd = flags.contains(SlotFlags::GUEST_MEMFD);
-        if l.guest_memfd {
-            valid |= SlotFlags::GUEST_MEMFD.bits();
-        }
-        if memfd {
-            // Dirty logging and read-only slots are not supported on private memory.
-            valid &= !SlotFlags::LOG_DIRTY_PAGES.bits();
-        }
-        if l.readonly && !memfd {
-            valid |= SlotFlags::READONLY.bits();
-        }
-        if call.flags & !valid != 0 {
-            return Err(Rule::InvalidFlags { flags: call.flags });
-        }
+        self.check_flags(call)?;
         let page = l.page_size;
         if call.size % page != 0 {
             return Err(Rule::UnalignedSize { size: call.size });
@@ -258,6 +288,19 @@ impl Layout {
                     host: call.host,
                     size: call.size,
                 })
+            }
+        }
+        let memfd = call.is_guest_memfd();
+        if memfd {
+            let offset = call.guest_memfd_offset;
+            if offset % page != 0 {
+                return Err(Rule::GuestMemfdOffsetUnaligned { offset });
+            }
+            if offset.checked_add(call.size).is_none() {
+                return Err(Rule::GuestMemfdOffsetWraps {
+                    offset,
+                    size: call.size,
+                });
             }
         }
         if id.address_space >= l.address_spaces {
@@ -286,14 +329,19 @@ impl Layout {
         let change = match old {
             None => Change::Create,
             Some(old) => {
-                if memfd || old.flags.contains(SlotFlags::GUEST_MEMFD) {
+                // guest_memfd slots are immutable: only a DELETE may follow the CREATE.
+                if memfd {
                     return Err(Rule::GuestMemfdImmutable { id });
                 }
                 if call.host != old.host || call.size != old.size {
                     return Err(Rule::Immutable { id });
                 }
-                if (call.flags ^ old.flags.bits()) & SlotFlags::READONLY.bits() != 0 {
+                let toggled = call.flags ^ old.flags.bits();
+                if toggled & SlotFlags::READONLY.bits() != 0 {
                     return Err(Rule::ReadonlyToggle { id });
+                }
+                if toggled & SlotFlags::GUEST_MEMFD.bits() != 0 {
+                    return Err(Rule::GuestMemfdToggle { id });
                 }
                 if call.gpa != old.gpa {
                     Change::Move
@@ -308,6 +356,10 @@ impl Layout {
             if let Some(other) = self.overlap(id, call.gpa, call.gpa + call.size) {
                 return Err(Rule::Overlap { other });
             }
+            if memfd {
+                // kvm_gmem_bind, before the arch hook.
+                self.check_binding(call)?;
+            }
             // The arch hook runs after the overlap check, inside kvm_set_memslot.
             let last_gfn = (call.gpa + call.size - 1) / page;
             if last_gfn > l.max_gfn {
@@ -318,6 +370,60 @@ impl Layout {
             }
         }
         Ok((change, old))
+    }
+
+    /// `check_memory_region_flags`: one mask in the kernel, named here by what is wrong.
+    fn check_flags(&self, call: &SlotCall) -> Result<(), Rule> {
+        let l = &self.limits;
+        let flags = call.flags;
+        let known = SlotFlags::LOG_DIRTY_PAGES.bits()
+            | SlotFlags::READONLY.bits()
+            | SlotFlags::GUEST_MEMFD.bits();
+        if flags & !known != 0 {
+            return Err(Rule::InvalidFlags { flags });
+        }
+        if call.is_guest_memfd() {
+            if !l.guest_memfd {
+                return Err(Rule::GuestMemfdUnsupported { flags });
+            }
+            // Dirty logging and read-only slots are not supported on private memory.
+            if flags & !SlotFlags::GUEST_MEMFD.bits() != 0 {
+                return Err(Rule::GuestMemfdFlags { flags });
+            }
+        }
+        if call.slot_flags().readonly() && !l.readonly {
+            return Err(Rule::InvalidFlags { flags });
+        }
+        Ok(())
+    }
+
+    /// `kvm_gmem_bind`'s range checks, for a guest_memfd the model knows.
+    fn check_binding(&self, call: &SlotCall) -> Result<(), Rule> {
+        let fd = call.guest_memfd;
+        let Some(file_size) = self.guest_memfd_size(fd) else {
+            return Ok(()); // the kernel's call: see `Rule`
+        };
+        let offset = call.guest_memfd_offset;
+        // The kernel's offset is a signed loff_t: 2^63 and up are negative. (The wrap of
+        // offset + size was refused before.)
+        let end = offset + call.size;
+        if offset > i64::MAX as u64 || end > file_size {
+            return Err(Rule::GuestMemfdRange {
+                fd,
+                offset,
+                size: call.size,
+                file_size,
+            });
+        }
+        let bound = self
+            .bindings
+            .range((fd, 0)..(fd, end))
+            .next_back()
+            .filter(|(_, &(e, _))| e > offset);
+        match bound {
+            Some((_, &(_, other))) => Err(Rule::GuestMemfdBound { fd, other }),
+            None => Ok(()),
+        }
     }
 
     /// The slot of `id`'s address space, other than `id`, that overlaps `[start, end)`.
@@ -334,9 +440,16 @@ impl Layout {
             .find(|other| self.slots[other].end() > start)
     }
 
-    /// Applies one call if KVM would accept it; on refusal nothing changes.
+    /// Applies one call if KVM would accept it; on refusal nothing changes. The call is judged
+    /// as a backend sends it ([`Limits::ioctl`]).
     pub fn apply(&mut self, call: &SlotCall) -> Result<Applied, Rule> {
-        let (change, before) = self.check_inner(call)?;
+        self.apply_ioctl(call, self.limits.ioctl())
+    }
+
+    /// [`Layout::apply`] for a call made with `ioctl`.
+    pub fn apply_ioctl(&mut self, call: &SlotCall, ioctl: Ioctl) -> Result<Applied, Rule> {
+        let call = call.as_sent(ioctl);
+        let (change, before) = self.check_inner(&call, ioctl)?;
         let after = (!call.is_delete()).then(|| call.slot());
         let applied = Applied {
             change,
@@ -356,11 +469,24 @@ impl Layout {
         if let Some(old) = old {
             self.slots.remove(&old.id);
             self.by_gpa.remove(&(old.id.address_space, old.gpa));
+            if old.is_guest_memfd() {
+                let key = (old.guest_memfd, old.guest_memfd_offset);
+                // Only this slot's own binding (the file may have been forgotten since).
+                if self.bindings.get(&key).is_some_and(|&(_, s)| s == old.id) {
+                    self.bindings.remove(&key);
+                }
+            }
         }
         if let Some(new) = new {
             self.slots.insert(new.id, new);
             self.by_gpa
                 .insert((new.id.address_space, new.gpa), new.id.id);
+            if new.is_guest_memfd() {
+                // An accepted CREATE's range does not wrap (refused before).
+                let end = new.guest_memfd_offset.saturating_add(new.size);
+                self.bindings
+                    .insert((new.guest_memfd, new.guest_memfd_offset), (end, new.id));
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
-//! What the kernel allows: slot count, address spaces, read-only support.
+//! What the kernel allows: slot count, address spaces, read-only and guest_memfd support.
 
-use super::slot::PAGE_SIZE;
+use super::slot::{Ioctl, PAGE_SIZE};
 
 /// The kernel's limits for one VM.
 ///
@@ -15,7 +15,13 @@ pub struct Limits {
     pub address_spaces: u16,
     /// Whether `KVM_MEM_READONLY` is accepted (`KVM_CAP_READONLY_MEM`).
     pub readonly: bool,
-    /// Whether `KVM_MEM_GUEST_MEMFD` is accepted (v2 ioctl on a VM type with private memory).
+    /// Whether `KVM_SET_USER_MEMORY_REGION2` exists (`KVM_CAP_USER_MEMORY2`, Linux 6.8). Calls
+    /// are judged as the backend sends them: v2 when it exists, v1 otherwise ([`Limits::ioctl`]).
+    #[cfg_attr(feature = "serde", serde(default = "Limits::default_user_memory2"))]
+    pub user_memory2: bool,
+    /// Whether the VM accepts `KVM_MEM_GUEST_MEMFD` slots (`KVM_CAP_GUEST_MEMFD` on the VM: a VM
+    /// type with private memory before Linux 6.17, any VM type of a kernel built with
+    /// `CONFIG_KVM_GUEST_MEMFD` since). Only the v2 ioctl carries the flag.
     pub guest_memfd: bool,
     /// The page size alignment is checked against.
     pub page_size: u64,
@@ -49,6 +55,20 @@ impl Limits {
         Self::max_gfn_for_bits(52)
     }
 
+    #[cfg(feature = "serde")]
+    fn default_user_memory2() -> bool {
+        true
+    }
+
+    /// The ioctl a backend sends calls with: v2 where the kernel has it.
+    pub const fn ioctl(&self) -> Ioctl {
+        if self.user_memory2 {
+            Ioctl::V2
+        } else {
+            Ioctl::V1
+        }
+    }
+
     /// A slot id's raw limit check, as the ioctl does it first.
     pub fn id_in_range(&self, id: u16) -> bool {
         id < self.slots
@@ -61,6 +81,9 @@ impl Default for Limits {
             slots: Self::X86_64_SLOTS,
             address_spaces: 2,
             readonly: true,
+            user_memory2: true,
+            // QEMU binds guest_memfd only for confidential VMs; an ordinary VM's trace never
+            // sets the flag, and before 6.17 the default VM type refused it.
             guest_memfd: false,
             page_size: PAGE_SIZE,
             user_addr_max: 0x7fff_ffff_f000,

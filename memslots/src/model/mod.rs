@@ -18,7 +18,7 @@ pub use layout::{Applied, Layout, Mapping, Segment};
 pub use limits::Limits;
 pub use primitives::{Lowered, Primitive, PrimitiveError};
 pub use rules::{Change, Rule};
-pub use slot::{Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
+pub use slot::{Ioctl, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
 
 #[cfg(test)]
 mod tests;

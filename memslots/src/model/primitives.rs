@@ -182,6 +182,8 @@ impl Layout {
                     size: slot.size - low,
                     host: slot.host + low,
                     flags: slot.flags,
+                    guest_memfd: 0,
+                    guest_memfd_offset: 0,
                 };
                 vec![slot.delete_call(), lower.set_call(), upper.set_call()]
             }

@@ -41,9 +41,26 @@ impl fmt::Display for Change {
 }
 
 /// A KVM rule that refuses a slot call; each carries the errno the kernel returns.
+///
+/// The guest_memfd rules follow Linux 6.18 (`kvm_set_memory_region`, `kvm_gmem_bind`). Binding
+/// to a file the [`Layout`](super::Layout) has not been told about
+/// ([`Layout::add_guest_memfd`](super::Layout::add_guest_memfd)) is the kernel's call alone: the
+/// model cannot see file descriptors, so it accepts such a CREATE and the kernel may still refuse
+/// it with `EBADF` (no such open fd) or `EINVAL` (not a guest_memfd of this VM, the range past the
+/// file's end, or a range another slot is bound to).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Rule {
+    /// A v2 call on a kernel without `KVM_SET_USER_MEMORY_REGION2` (unknown ioctl).
+    #[error("this kernel has no KVM_SET_USER_MEMORY_REGION2")]
+    V2Unsupported,
+    /// `KVM_SET_USER_MEMORY_REGION` (v1) accepts only `LOG_DIRTY_PAGES` and `READONLY`; checked
+    /// by the ioctl before anything else.
+    #[error("flags {flags:#x} need KVM_SET_USER_MEMORY_REGION2")]
+    FlagsNeedV2 {
+        /// The raw flags.
+        flags: u32,
+    },
     /// The slot id is at or above `KVM_CAP_NR_MEMSLOTS` (checked first, by the ioctl itself).
     #[error("slot id {id} is not below the slot limit {limit}")]
     SlotIdOutOfRange {
@@ -52,12 +69,38 @@ pub enum Rule {
         /// `KVM_CAP_NR_MEMSLOTS`.
         limit: u16,
     },
-    /// A flag the kernel does not accept here (unknown bits, READONLY without support,
-    /// GUEST_MEMFD on v1 or without support, or GUEST_MEMFD with LOG_DIRTY_PAGES/READONLY).
+    /// A flag the kernel does not know, or READONLY without `KVM_CAP_READONLY_MEM`.
     #[error("flags {flags:#x} are not accepted")]
     InvalidFlags {
         /// The raw flags.
         flags: u32,
+    },
+    /// `GUEST_MEMFD` on a VM that does not accept guest_memfd slots.
+    #[error("flags {flags:#x}: this VM has no guest_memfd support")]
+    GuestMemfdUnsupported {
+        /// The raw flags.
+        flags: u32,
+    },
+    /// `GUEST_MEMFD` with `LOG_DIRTY_PAGES` (no dirty logging of private memory) or with
+    /// `READONLY` (writes to a read-only slot exit as MMIO, which private memory cannot).
+    #[error("flags {flags:#x}: GUEST_MEMFD goes with neither LOG_DIRTY_PAGES nor READONLY")]
+    GuestMemfdFlags {
+        /// The raw flags.
+        flags: u32,
+    },
+    /// `guest_memfd_offset` is not page aligned (checked with the other alignments).
+    #[error("guest_memfd offset {offset:#x} is not page aligned")]
+    GuestMemfdOffsetUnaligned {
+        /// The offset asked for.
+        offset: u64,
+    },
+    /// `guest_memfd_offset + memory_size` wraps around.
+    #[error("guest_memfd range {offset:#x}+{size:#x} wraps")]
+    GuestMemfdOffsetWraps {
+        /// The offset asked for.
+        offset: u64,
+        /// The size asked for.
+        size: u64,
     },
     /// `memory_size` is not a multiple of the page size.
     #[error("size {size:#x} is not page aligned")]
@@ -125,11 +168,41 @@ pub enum Rule {
         /// The slot asked for.
         id: SlotId,
     },
-    /// A guest_memfd slot can only be deleted.
-    #[error("slot {id} is backed by guest_memfd and can only be deleted")]
+    /// A call with `GUEST_MEMFD` on a slot that exists: guest_memfd slots are never changed,
+    /// only deleted (checked before the other rules for existing slots).
+    #[error("slot {id} exists: a GUEST_MEMFD call can only create a slot")]
     GuestMemfdImmutable {
         /// The slot asked for.
         id: SlotId,
+    },
+    /// A call without `GUEST_MEMFD` on a guest_memfd slot (a MOVE, a flags change, or the same
+    /// slot without the flag). Refused since Linux 6.19 (backported to 6.18.3 and 6.12.64);
+    /// older kernels accepted it and kept the guest_memfd bound to the freed slot.
+    #[error("slot {id} is backed by guest_memfd: GUEST_MEMFD cannot be dropped")]
+    GuestMemfdToggle {
+        /// The slot asked for.
+        id: SlotId,
+    },
+    /// A CREATE whose `[guest_memfd_offset, + memory_size)` is not inside its guest_memfd
+    /// (`kvm_gmem_bind`, after the overlap check; an offset of 2^63 or more is negative there).
+    #[error("guest_memfd {fd} range {offset:#x}+{size:#x} is not inside its {file_size:#x} bytes")]
+    GuestMemfdRange {
+        /// The guest_memfd.
+        fd: u32,
+        /// The offset asked for.
+        offset: u64,
+        /// The size asked for.
+        size: u64,
+        /// The file's size.
+        file_size: u64,
+    },
+    /// A CREATE whose guest_memfd range is already bound to another slot (`kvm_gmem_bind`).
+    #[error("guest_memfd {fd}: the range is bound to slot {other}")]
+    GuestMemfdBound {
+        /// The guest_memfd.
+        fd: u32,
+        /// The slot bound there.
+        other: SlotId,
     },
     /// A CREATE or MOVE whose last page is past the highest guest frame the host's MMU maps
     /// (x86's `kvm_arch_prepare_memory_region`, after the overlap check).
@@ -153,6 +226,7 @@ impl Rule {
     pub const fn errno(&self) -> i32 {
         match self {
             Rule::Overlap { .. } => libc::EEXIST,
+            Rule::V2Unsupported => libc::ENOTTY,
             _ => libc::EINVAL,
         }
     }
@@ -160,8 +234,14 @@ impl Rule {
     /// A short stable name for the rule (for reports and JSON).
     pub const fn name(&self) -> &'static str {
         match self {
+            Rule::V2Unsupported => "v2_unsupported",
+            Rule::FlagsNeedV2 { .. } => "flags_need_v2",
             Rule::SlotIdOutOfRange { .. } => "slot_id_out_of_range",
             Rule::InvalidFlags { .. } => "invalid_flags",
+            Rule::GuestMemfdUnsupported { .. } => "guest_memfd_unsupported",
+            Rule::GuestMemfdFlags { .. } => "guest_memfd_flags",
+            Rule::GuestMemfdOffsetUnaligned { .. } => "guest_memfd_offset_unaligned",
+            Rule::GuestMemfdOffsetWraps { .. } => "guest_memfd_offset_wraps",
             Rule::UnalignedSize { .. } => "unaligned_size",
             Rule::UnalignedGpa { .. } => "unaligned_gpa",
             Rule::UnalignedHost { .. } => "unaligned_host",
@@ -173,6 +253,9 @@ impl Rule {
             Rule::Immutable { .. } => "immutable",
             Rule::ReadonlyToggle { .. } => "readonly_toggle",
             Rule::GuestMemfdImmutable { .. } => "guest_memfd_immutable",
+            Rule::GuestMemfdToggle { .. } => "guest_memfd_toggle",
+            Rule::GuestMemfdRange { .. } => "guest_memfd_range",
+            Rule::GuestMemfdBound { .. } => "guest_memfd_bound",
             Rule::Overlap { .. } => "overlap",
             Rule::GfnTooHigh { .. } => "gfn_too_high",
         }

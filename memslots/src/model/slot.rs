@@ -135,8 +135,14 @@ pub struct Slot {
     pub size: u64,
     /// Host (userspace) address of the first byte.
     pub host: u64,
-    /// `LOG_DIRTY_PAGES` / `READONLY`.
+    /// `LOG_DIRTY_PAGES` / `READONLY` / `GUEST_MEMFD`.
     pub flags: SlotFlags,
+    /// The guest_memfd file descriptor a `GUEST_MEMFD` slot is bound to (0 otherwise).
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "is_zero_u32"))]
+    pub guest_memfd: u32,
+    /// Offset of the slot's first page in its guest_memfd (0 without `GUEST_MEMFD`).
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "is_zero_u64"))]
+    pub guest_memfd_offset: u64,
 }
 
 impl Slot {
@@ -160,6 +166,11 @@ impl Slot {
         self.size / PAGE_SIZE
     }
 
+    /// Whether the slot is backed by a guest_memfd (`KVM_MEM_GUEST_MEMFD`).
+    pub const fn is_guest_memfd(&self) -> bool {
+        self.flags.contains(SlotFlags::GUEST_MEMFD)
+    }
+
     /// The raw call that creates this slot (or changes an existing one to it).
     pub const fn set_call(&self) -> SlotCall {
         SlotCall {
@@ -168,24 +179,28 @@ impl Slot {
             gpa: self.gpa,
             size: self.size,
             host: self.host,
+            guest_memfd: self.guest_memfd,
+            guest_memfd_offset: self.guest_memfd_offset,
         }
     }
 
     /// The raw call that deletes this slot.
     pub const fn delete_call(&self) -> SlotCall {
         SlotCall {
-            slot: self.id.raw(),
-            flags: self.flags.0,
-            gpa: self.gpa,
             size: 0,
-            host: self.host,
+            ..self.set_call()
         }
     }
 }
 
-/// One raw `KVM_SET_USER_MEMORY_REGION` call (`kvm_userspace_memory_region`): size 0 deletes.
+/// One raw slot call (`kvm_userspace_memory_region2`, of which `KVM_SET_USER_MEMORY_REGION`'s
+/// `kvm_userspace_memory_region` is the first five fields): size 0 deletes.
 ///
 /// Fields are raw so that invalid calls can be expressed, checked and sent to the kernel as-is.
+/// The two guest_memfd fields only matter with `KVM_MEM_GUEST_MEMFD` in `flags` (the kernel
+/// ignores them otherwise, and the v1 ioctl does not carry them: [`Ioctl`]); they are 0 when
+/// unused, except where a trace recorded QEMU's `guest_memfd=-1` (kept as `u32::MAX`, the value
+/// the kernel receives).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SlotCall {
@@ -200,6 +215,35 @@ pub struct SlotCall {
     /// `userspace_addr`.
     #[cfg_attr(feature = "serde", serde(rename = "ua"))]
     pub host: u64,
+    /// `guest_memfd`: the file descriptor of a guest_memfd of this VM (v2 only).
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "is_zero_u32"))]
+    pub guest_memfd: u32,
+    /// `guest_memfd_offset`: where the slot's first page is in that file (v2 only).
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "is_zero_u64"))]
+    pub guest_memfd_offset: u64,
+}
+
+/// The ioctl a call is made with.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Ioctl {
+    /// `KVM_SET_USER_MEMORY_REGION`: no guest_memfd fields; any flag but `LOG_DIRTY_PAGES` and
+    /// `READONLY` is refused before anything else is looked at.
+    V1,
+    /// `KVM_SET_USER_MEMORY_REGION2` (`KVM_CAP_USER_MEMORY2`, Linux 6.8): the only way to
+    /// create a `GUEST_MEMFD` slot.
+    V2,
+}
+
+#[cfg(feature = "serde")]
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+#[cfg(feature = "serde")]
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 impl SlotCall {
@@ -218,14 +262,36 @@ impl SlotCall {
         self.size == 0
     }
 
-    /// The slot this call describes if it succeeds and is not a delete.
+    /// Whether the call asks for a guest_memfd slot (`KVM_MEM_GUEST_MEMFD`).
+    pub const fn is_guest_memfd(&self) -> bool {
+        self.slot_flags().contains(SlotFlags::GUEST_MEMFD)
+    }
+
+    /// The call as the kernel sees it through `ioctl`: the v1 structure has no guest_memfd
+    /// fields (the kernel reads them as 0).
+    pub const fn as_sent(&self, ioctl: Ioctl) -> SlotCall {
+        match ioctl {
+            Ioctl::V1 => SlotCall {
+                guest_memfd: 0,
+                guest_memfd_offset: 0,
+                ..*self
+            },
+            Ioctl::V2 => *self,
+        }
+    }
+
+    /// The slot this call describes if it succeeds and is not a delete. The guest_memfd fields
+    /// are kept only with `GUEST_MEMFD` (the kernel ignores them otherwise).
     pub const fn slot(&self) -> Slot {
+        let memfd = self.is_guest_memfd();
         Slot {
             id: self.id(),
             gpa: self.gpa,
             size: self.size,
             host: self.host,
             flags: SlotFlags(self.flags),
+            guest_memfd: if memfd { self.guest_memfd } else { 0 },
+            guest_memfd_offset: if memfd { self.guest_memfd_offset } else { 0 },
         }
     }
 }
@@ -240,6 +306,15 @@ impl fmt::Display for SlotCall {
             self.gpa,
             self.size,
             self.host
-        )
+        )?;
+        if self.is_guest_memfd() || self.guest_memfd != 0 || self.guest_memfd_offset != 0 {
+            // As QEMU's trace prints it: the fd as a C int (-1 when unused).
+            write!(
+                f,
+                " guest_memfd={} guest_memfd_offset={:#x}",
+                self.guest_memfd as i32, self.guest_memfd_offset
+            )?;
+        }
+        Ok(())
     }
 }

@@ -16,6 +16,8 @@ fn slot(id: u16, gpa: u64, size: u64, host: u64, flags: SlotFlags) -> Slot {
         size,
         host,
         flags,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 
@@ -51,12 +53,23 @@ fn rule_slot_id_out_of_range_is_checked_first() {
 #[test]
 fn rule_flags() {
     let l = layout();
-    for bad in [4, 8, 0x10, 0x1_0000, 0x8000_0000, 5] {
+    for bad in [8, 0x10, 0x1_0000, 0x8000_0000, 0xc] {
         let call = SlotCall {
             flags: bad,
             ..ram(0, 0, P).set_call()
         };
         refuses(&l, call, "invalid_flags", libc::EINVAL);
+        // v1 refuses every flag but LOG_DIRTY_PAGES and READONLY before anything else.
+        let err = l.check_ioctl(&call, Ioctl::V1).unwrap_err();
+        assert_eq!((err.name(), err.errno()), ("flags_need_v2", libc::EINVAL));
+    }
+    // x86-64's default VM type has no guest_memfd.
+    for memfd in [4, 5, 6] {
+        let call = SlotCall {
+            flags: memfd,
+            ..ram(0, 0, P).set_call()
+        };
+        refuses(&l, call, "guest_memfd_unsupported", libc::EINVAL);
     }
     // LOG_DIRTY_PAGES | READONLY together is accepted (QEMU issues it).
     let both = slot(
@@ -83,9 +96,26 @@ fn rule_flags() {
     assert_eq!(memfd.check(&private.set_call()), Ok(Change::Create));
     for extra in [SlotFlags::LOG_DIRTY_PAGES, SlotFlags::READONLY] {
         let call = slot(0, 0, P, HOST, SlotFlags::GUEST_MEMFD | extra).set_call();
-        refuses(&memfd, call, "invalid_flags", libc::EINVAL);
+        refuses(&memfd, call, "guest_memfd_flags", libc::EINVAL);
     }
-    refuses(&l, private.set_call(), "invalid_flags", libc::EINVAL);
+    refuses(
+        &l,
+        private.set_call(),
+        "guest_memfd_unsupported",
+        libc::EINVAL,
+    );
+    // Only the v2 ioctl carries GUEST_MEMFD; a kernel without it has no v2 at all.
+    let err = memfd
+        .check_ioctl(&private.set_call(), Ioctl::V1)
+        .unwrap_err();
+    assert_eq!((err.name(), err.errno()), ("flags_need_v2", libc::EINVAL));
+    let old = Layout::new(Limits {
+        user_memory2: false,
+        ..Limits::default()
+    });
+    assert_eq!(old.limits().ioctl(), Ioctl::V1);
+    let err = old.check_ioctl(&ram(0, 0, P).set_call(), Ioctl::V2);
+    assert_eq!(err.map_err(|r| r.errno()), Err(libc::ENOTTY));
 }
 
 #[test]
@@ -293,21 +323,191 @@ fn existing_slot_is_immutable() {
     refuses(&l, moved_bigger.set_call(), "immutable", libc::EINVAL);
 }
 
-#[test]
-fn guest_memfd_slots_can_only_be_deleted() {
-    let mut l = Layout::new(Limits {
+fn memfd_layout() -> Layout {
+    Layout::new(Limits {
         guest_memfd: true,
         ..Limits::default()
-    });
-    let s = slot(1, 0, 4 * P, HOST, SlotFlags::GUEST_MEMFD);
+    })
+}
+
+/// A guest_memfd slot bound at `offset` of `fd`.
+fn private(id: u16, gpa: u64, size: u64, fd: u32, offset: u64) -> Slot {
+    Slot {
+        guest_memfd: fd,
+        guest_memfd_offset: offset,
+        ..slot(id, gpa, size, HOST + gpa, SlotFlags::GUEST_MEMFD)
+    }
+}
+
+#[test]
+fn guest_memfd_slots_can_only_be_deleted() {
+    let mut l = memfd_layout();
+    let s = private(1, 0, 4 * P, 7, 0);
     l.apply(&s.set_call()).unwrap();
     let moved = Slot {
         gpa: 0x10_0000,
         ..s
     };
+    // Any call carrying GUEST_MEMFD on an existing slot, even the same one again.
     refuses(&l, moved.set_call(), "guest_memfd_immutable", libc::EINVAL);
     refuses(&l, s.set_call(), "guest_memfd_immutable", libc::EINVAL);
+    // Without the flag: a MOVE, a flags change or the same range all drop GUEST_MEMFD.
+    for flags in [SlotFlags::NONE, SlotFlags::LOG_DIRTY_PAGES] {
+        for gpa in [0, 0x10_0000] {
+            let plain = Slot {
+                flags,
+                gpa,
+                guest_memfd: 0,
+                guest_memfd_offset: 0,
+                ..s
+            };
+            refuses(&l, plain.set_call(), "guest_memfd_toggle", libc::EINVAL);
+        }
+    }
+    // A resize is refused as for any slot (one EINVAL test in the kernel).
+    let bigger = Slot {
+        flags: SlotFlags::NONE,
+        size: 8 * P,
+        ..s
+    };
+    refuses(&l, bigger.set_call(), "immutable", libc::EINVAL);
     assert_eq!(l.check(&s.delete_call()), Ok(Change::Delete));
+    l.apply(&s.delete_call()).unwrap();
+    assert!(l.is_empty());
+}
+
+#[test]
+fn guest_memfd_offset_rules() {
+    let l = memfd_layout();
+    let s = private(0, 0, 4 * P, 3, 0);
+    let call = |offset| {
+        Slot {
+            guest_memfd_offset: offset,
+            ..s
+        }
+        .set_call()
+    };
+    refuses(
+        &l,
+        call(0x800),
+        "guest_memfd_offset_unaligned",
+        libc::EINVAL,
+    );
+    refuses(
+        &l,
+        call(u64::MAX - P + 1),
+        "guest_memfd_offset_wraps",
+        libc::EINVAL,
+    );
+    // The offset is checked with the other alignments: before the address space.
+    let mut other_space = call(0x800);
+    other_space.slot = SlotId::in_space(5, 0).raw();
+    refuses(
+        &l,
+        other_space,
+        "guest_memfd_offset_unaligned",
+        libc::EINVAL,
+    );
+    // Without GUEST_MEMFD the kernel ignores both fields (QEMU sends guest_memfd=-1).
+    let plain = SlotCall {
+        guest_memfd: u32::MAX,
+        guest_memfd_offset: 0x123,
+        ..ram(0, 0, P).set_call()
+    };
+    assert_eq!(l.check(&plain), Ok(Change::Create));
+    let mut applied = l.clone();
+    let slot = applied.apply(&plain).unwrap().after.unwrap();
+    assert_eq!((slot.guest_memfd, slot.guest_memfd_offset), (0, 0));
+}
+
+#[test]
+fn guest_memfd_binding_rules() {
+    let mut l = memfd_layout();
+    l.add_guest_memfd(3, 16 * P);
+    let a = private(0, 0, 4 * P, 3, 4 * P);
+    l.apply(&a.set_call()).unwrap();
+    // Past the file's end; an offset of 2^63 is negative to the kernel.
+    refuses(
+        &l,
+        private(1, 0x10_0000, 4 * P, 3, 13 * P).set_call(),
+        "guest_memfd_range",
+        libc::EINVAL,
+    );
+    refuses(
+        &l,
+        private(1, 0x10_0000, P, 3, 1 << 63).set_call(),
+        "guest_memfd_range",
+        libc::EINVAL,
+    );
+    // Overlapping another slot's binding, from either side; touching is fine.
+    for offset in [P, 4 * P, 7 * P] {
+        let err = l
+            .check(&private(1, 0x10_0000, 4 * P, 3, offset).set_call())
+            .unwrap_err();
+        assert_eq!(err, Rule::GuestMemfdBound { fd: 3, other: a.id });
+    }
+    for offset in [0, 8 * P, 12 * P] {
+        let b = private(1, 0x10_0000, 4 * P, 3, offset);
+        assert_eq!(l.check(&b.set_call()), Ok(Change::Create), "{offset:#x}");
+    }
+    // Binding comes after the GPA overlap check and before the maximum guest frame.
+    let clash = private(1, 0, P, 3, 0);
+    assert_eq!(
+        l.check(&clash.set_call()).unwrap_err().errno(),
+        libc::EEXIST
+    );
+    let top = Slot {
+        host: HOST,
+        ..private(1, l.limits().max_gfn * P, 2 * P, 3, 4 * P)
+    };
+    assert!(l
+        .check(
+            &Slot {
+                guest_memfd_offset: 0,
+                ..top
+            }
+            .set_call()
+        )
+        .is_err_and(|r| r.name() == "gfn_too_high"));
+    refuses(&l, top.set_call(), "guest_memfd_bound", libc::EINVAL);
+    // Another file, or one the model was not told about (the kernel's call), binds freely.
+    l.add_guest_memfd(4, 4 * P);
+    assert_eq!(
+        l.check(&private(1, 0x10_0000, 4 * P, 4, 0).set_call()),
+        Ok(Change::Create)
+    );
+    assert_eq!(
+        l.check(&private(1, 0x10_0000, 64 * P, 9, 0).set_call()),
+        Ok(Change::Create)
+    );
+    // A delete frees the range; its revert binds it again.
+    let deleted = l.apply(&a.delete_call()).unwrap();
+    let again = private(1, 0x10_0000, 4 * P, 3, 4 * P);
+    assert_eq!(l.check(&again.set_call()), Ok(Change::Create));
+    l.revert(&deleted);
+    assert!(l.check(&again.set_call()).is_err());
+    // A file closed and its fd re-used: the old bindings are gone with it.
+    l.remove_guest_memfd(3);
+    l.add_guest_memfd(3, 16 * P);
+    assert_eq!(l.check(&again.set_call()), Ok(Change::Create));
+    // ... and deleting the slot of the old file leaves the new file's bindings alone.
+    l.apply(&again.set_call()).unwrap();
+    l.apply(&a.delete_call()).unwrap();
+    let clash = private(2, 0x20_0000, P, 3, 4 * P);
+    refuses(&l, clash.set_call(), "guest_memfd_bound", libc::EINVAL);
+}
+
+#[test]
+fn v1_calls_carry_no_guest_memfd_fields() {
+    let mut l = memfd_layout();
+    let call = SlotCall {
+        guest_memfd: 5,
+        guest_memfd_offset: 0x1001,
+        ..ram(0, 0, P).set_call()
+    };
+    assert_eq!(l.check_ioctl(&call, Ioctl::V1), Ok(Change::Create));
+    let slot = l.apply_ioctl(&call, Ioctl::V1).unwrap().after.unwrap();
+    assert_eq!(slot, ram(0, 0, P));
 }
 
 #[test]

@@ -265,6 +265,8 @@ pub fn plan_with(
                 size: r.size,
                 host: r.host,
                 flags: r.flags,
+                guest_memfd: 0,
+                guest_memfd_offset: 0,
             });
         }
 

@@ -180,6 +180,8 @@ mod tests {
             size,
             host,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         }
     }
 

@@ -297,6 +297,8 @@ mod tests {
             } else {
                 SlotFlags::NONE
             },
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         }
     }
 

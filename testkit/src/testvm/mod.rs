@@ -11,8 +11,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use memslots::model::{Layout, Slot, SlotCall, SlotFlags, SlotId};
 
 use memslots::kvm::{
-    ApplyError, ApplyStats, Backing, DirtyLogError, DirtyPages, KickError, KvmError, MemoryError,
-    SlotUpdater, VcpuGate, Vm,
+    ApplyError, ApplyStats, Backing, DirtyLogError, DirtyPages, DirtyRing, KickError, KvmError,
+    MemoryError, SlotUpdater, VcpuGate, Vm,
 };
 
 use crate::faults::FaultInjector;
@@ -85,6 +85,8 @@ pub struct TestVmConfig {
     /// one `KVM_RUN` with `immediate_exit = 1` whose result is thrown away. Shows that the device
     /// checks see a lost exit.
     pub drop_exits_on_quiesce: bool,
+    /// Keep dirty pages with KVM's dirty ring of this many bytes per vCPU instead of bitmaps.
+    pub dirty_ring: Option<u32>,
 }
 
 impl TestVmConfig {
@@ -96,6 +98,7 @@ impl TestVmConfig {
             private_gpa: 0,
             device: true,
             drop_exits_on_quiesce: false,
+            dirty_ring: None,
         }
     }
 }
@@ -170,6 +173,15 @@ impl TestVm {
         let vm = Arc::new(Vm::new()?);
         let gate = Arc::new(VcpuGate::with_signal(kick_signal())?);
         let mut updater = SlotUpdater::new(vm.clone(), gate.clone());
+        let ring = match config.dirty_ring {
+            Some(bytes) => {
+                let ring = DirtyRing::enable(vm.clone(), bytes)
+                    .map_err(|e| TestVmError::Config(e.to_string()))?;
+                updater.set_dirty_ring(ring.clone());
+                Some(ring)
+            }
+            None => None,
+        };
         let private = updater
             .add_backing(
                 Backing::anonymous("private", guest::PRIVATE_SIZE).map_err(TestVmError::Memory)?,
@@ -191,6 +203,8 @@ impl TestVm {
             size: guest::PRIVATE_SIZE - guest::SLOT,
             host: private.host() + guest::SLOT,
             flags: SlotFlags::NONE,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
         };
         updater
             .apply(&[private_slot.set_call()])
@@ -203,6 +217,10 @@ impl TestVm {
                 .map_err(|source| TestVmError::Vcpu { index, source })?;
             vcpu::reset(&vcpu, index, base)
                 .map_err(|source| TestVmError::Vcpu { index, source })?;
+            if let Some(ring) = &ring {
+                ring.add_vcpu(index, &vcpu)
+                    .map_err(|e| TestVmError::Config(e.to_string()))?;
+            }
             vcpus.push(vcpu);
         }
         let history = Arc::new(LayoutHistory::new(updater.layout().clone()));
@@ -217,6 +235,7 @@ impl TestVm {
             counters: Default::default(),
             first_problem: Default::default(),
             drop_exits_on_quiesce: config.drop_exits_on_quiesce,
+            ring,
         });
         Ok(TestVm {
             updater,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use memslots::kvm::{Backing, GateVcpu, SlotUpdater, VcpuGate};
+use memslots::kvm::{Backing, DirtyRing, GateVcpu, SlotUpdater, VcpuGate};
 
 use super::history::LayoutHistory;
 use crate::guest::{self, ctl, port};
@@ -83,6 +83,8 @@ pub struct VcpuShared {
     /// The bug the gate once had, on purpose: while a quiesce holds, complete each MMIO/PIO exit
     /// with one `KVM_RUN` (`immediate_exit = 1`) and throw away what that entry returns.
     pub drop_exits_on_quiesce: bool,
+    /// The VM's dirty ring, reaped by a vCPU whose ring is full.
+    pub ring: Option<Arc<DirtyRing>>,
 }
 
 impl std::fmt::Debug for VcpuShared {
@@ -137,7 +139,12 @@ pub fn reset(vcpu: &VcpuFd, index: usize, base: u64) -> Result<(), kvm_ioctls::E
 /// Runs vCPU `index` until `shared.stop`, with the private window at `base`; `private` backs it.
 pub fn run(vcpu: VcpuFd, index: usize, base: u64, shared: Arc<VcpuShared>, private: Arc<Backing>) {
     let mut vcpu = match GateVcpu::new(&shared.gate, index, vcpu) {
-        Ok(v) => v,
+        Ok(mut v) => {
+            if let Some(ring) = &shared.ring {
+                v.set_dirty_ring(ring.clone());
+            }
+            v
+        }
         Err(e) => {
             shared
                 .counters

@@ -43,6 +43,8 @@ fn slot(id: u16, page: u64, pages: u64, host: u64, flags: SlotFlags) -> Slot {
         size: pages * PAGE_SIZE,
         host,
         flags,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
     }
 }
 
