@@ -28,6 +28,7 @@ macro_rules! eprintln {
 }
 
 mod bench;
+mod boot;
 mod conformance;
 mod output;
 mod plan;
@@ -54,6 +55,8 @@ enum Command {
     Replay(replay::Args),
     /// Measure slot-change costs, each beside a baseline run in turns with it.
     Bench(bench::Args),
+    /// Boot SeaBIOS on N vCPUs on a small VMM whose PAM changes memslots applies.
+    Boot(boot::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Stress(args) => stress::run_cli(args),
         Command::Replay(args) => replay::run_cli(args),
+        Command::Boot(args) => boot::run(args),
     };
     match result {
         Ok(code) => code,

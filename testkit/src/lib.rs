@@ -9,8 +9,10 @@
 //! - [`soft`]: the soft backend's stress, compare and replay engines.
 //! - [`conformance`]: the model held against the running kernel and against traces.
 //! - [`samples`], [`stats`], [`svg`]: shared layouts, percentiles, drawings.
+//! - [`boot`]: a small i440fx VMM booting SeaBIOS, its PAM writes applied by memslots.
 #![deny(missing_docs)]
 
+pub mod boot;
 pub mod conformance;
 pub mod faults;
 pub mod guest;

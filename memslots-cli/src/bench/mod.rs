@@ -1,6 +1,7 @@
 //! `memslots bench`: every figure beside a baseline measured in turns with it, in one process.
 
 mod blackout;
+mod boot;
 mod dirty;
 mod harness;
 mod ioctl;
@@ -37,15 +38,15 @@ pub struct Args {
     /// Directory of committed QEMU traces (`*.log`).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/traces"))]
     traces: PathBuf,
-    /// Run only these sections (scale, ioctl, blackout, kick, soft, planner, traces, dirty);
-    /// default all.
+    /// Run only these sections (scale, ioctl, blackout, kick, soft, planner, traces, dirty,
+    /// boot); default all.
     #[arg(long, value_delimiter = ',', value_parser = SECTIONS)]
     only: Vec<String>,
 }
 
 /// The sections `--only` may name; anything else is a usage error (exit 2), not a run of nothing.
-const SECTIONS: [&str; 8] = [
-    "scale", "ioctl", "blackout", "kick", "soft", "planner", "traces", "dirty",
+const SECTIONS: [&str; 9] = [
+    "scale", "ioctl", "blackout", "kick", "soft", "planner", "traces", "dirty", "boot",
 ];
 
 /// The committed traces in `dir`, sorted.
@@ -97,6 +98,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         ("planner", Box::new(|| planner::run(q, &args.traces))),
         ("traces", Box::new(|| blackout::traces(q, &args.traces))),
         ("dirty", Box::new(|| dirty::run(q))),
+        ("boot", Box::new(|| boot::run(q))),
     ];
     sections.retain(|(what, _)| args.only.is_empty() || args.only.iter().any(|o| o == what));
     for (what, section) in sections {
