@@ -182,9 +182,9 @@ impl SvgFrames {
 }
 
 /// Streams the trace's commits through the planner, each planned from the part of the map it
-/// changed (no map per commit). What is kept grows only with the output: a row per commit (the header, printed first, says
-/// how many commits there were and that every plan matched, so the table waits for the end),
-/// the ops for `--json`, and `--svg`'s bounded frames.
+/// changed (no map per commit). What is kept grows only with the output: a row per commit (the
+/// header, printed first, says how many commits there were and that every plan matched, so the
+/// table waits for the end), the ops for `--json`, and `--svg`'s bounded frames.
 fn run_trace(path: &Path, policy: &CutPolicy, args: &Args) -> Result<ExitCode, Box<dyn Error>> {
     let reader = TraceReader::open(path)?;
     let mut stream = PlannedCommits::new(reader, Limits::default(), policy);

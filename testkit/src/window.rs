@@ -13,7 +13,8 @@
 //! - new slot ids: the lowest ids free in the whole layout (then ids the batch deletes), in GPA
 //!   order of the new slots, as the planner gives them; [`FreeIds`] keeps the free ones;
 //! - the slot budget: where the ids in use after the batch would pass the policy's budget, the
-//!   planner falls back to minimal cuts (or refuses), so that commit is planned whole.
+//!   planner cuts that address space minimally, and past the kernel's limit it refuses; both
+//!   are judged from the whole layout's count (`WindowPlanner::windowed`).
 //!
 //! The tests hold the result against the whole-map planner on every committed trace and on
 //! random traces (`tests/trace_streaming.rs`).
@@ -64,12 +65,10 @@ impl WindowPlanner {
     ) -> Result<Plan, WindowError> {
         let window = window(qemu, &self.layout, touched);
         let target = MemoryMap::from_layout(&within(qemu, &window));
-        let windowed = plan_with(&within(&self.layout, &window), &target, &self.policy)
-            .ok()
-            .filter(|p| self.within_budget(p, &window));
-        let (plan, whole) = match windowed {
+        let (plan, whole) = match self.windowed(&window, &target) {
             Some(p) => (self.renumber(p), false),
-            // Near the budget the planner's choices, and its errors, count every slot.
+            // Where the window cannot stand for the whole map (see `windowed`), and for the
+            // errors, which count every slot.
             None => {
                 let all = MemoryMap::from_layout(qemu);
                 let p = plan_with(&self.layout, &all, &self.policy).map_err(WindowError::Plan)?;
@@ -94,26 +93,46 @@ impl WindowPlanner {
         }
     }
 
-    /// Whether, in every address space of the window, the ids in use after `plan` stay within
-    /// the policy's budget (past it the planner would have cut with the minimal policy).
-    fn within_budget(&self, plan: &Plan, window: &[GpaRange]) -> bool {
-        let limits = self.layout.limits();
-        let budget = usize::from(limits.slots.saturating_sub(self.policy.headroom));
+    /// The window's plan, with the window's ids, where it is the whole-map plan.
+    ///
+    /// The planner cuts an address space with the minimal policy when its ids in use after the
+    /// batch would pass the policy's budget, and refuses past the kernel's limit; both count
+    /// every slot, so they are judged here from the whole layout's count. `plan_with` takes one
+    /// policy for all address spaces: a window whose spaces are some past the budget and some
+    /// not is left to the whole map (`None`), as is a plan past the limit (for its error).
+    fn windowed(&self, window: &[GpaRange], target: &MemoryMap) -> Option<Plan> {
+        let limit = usize::from(self.layout.limits().slots);
+        let budget = limit.saturating_sub(usize::from(self.policy.headroom));
         let mut spaces: Vec<u16> = window.iter().map(|r| r.address_space).collect();
-        spaces.extend(plan.calls.iter().map(|c| c.call.id().address_space));
-        spaces.sort_unstable();
         spaces.dedup();
-        spaces.into_iter().all(|space| {
-            let of_space = |kind: Change| {
-                plan.calls
-                    .iter()
-                    .filter(|c| c.change == kind && c.call.id().address_space == space)
-                    .count()
-            };
-            (self.free.used(space) + of_space(Change::Create))
-                .saturating_sub(of_space(Change::Delete))
-                <= budget
-        })
+        let current = within(&self.layout, window);
+        let plan = plan_with(&current, target, &self.policy).ok()?;
+        let over: Vec<bool> = spaces
+            .iter()
+            .map(|&s| self.ids_after(&plan, s) > budget)
+            .collect();
+        if !over.contains(&true) {
+            return Some(plan);
+        }
+        if over.contains(&false) {
+            return None;
+        }
+        let plan = plan_with(&current, target, &CutPolicy::minimal()).ok()?;
+        spaces
+            .iter()
+            .all(|&s| self.ids_after(&plan, s) <= limit)
+            .then_some(plan)
+    }
+
+    /// Ids of address space `space` in use once `plan` ran, in the whole layout.
+    fn ids_after(&self, plan: &Plan, space: u16) -> usize {
+        let of_space = |kind: Change| {
+            plan.calls
+                .iter()
+                .filter(|c| c.change == kind && c.call.id().address_space == space)
+                .count()
+        };
+        (self.free.used(space) + of_space(Change::Create)).saturating_sub(of_space(Change::Delete))
     }
 
     /// The plan with its new slots given the ids the whole-layout planner gives them.
