@@ -5,17 +5,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-/// An error and its causes, joined with ": ".
-pub fn chain(err: &(dyn Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
+pub use memslots_testkit::error_chain as chain;
 
 /// Prints `value` as one line of JSON on stdout (the last line, which tools read).
 ///

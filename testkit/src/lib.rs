@@ -28,3 +28,15 @@ pub mod testvm;
 pub mod trace;
 mod window;
 pub mod workload;
+
+/// An error and its causes, joined with ": " (each cause once, as the CLI prints them).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

@@ -18,7 +18,6 @@ pub mod pam;
 pub mod pci;
 mod vmm;
 
-use std::error::Error;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -250,14 +249,4 @@ pub(crate) fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
-/// An error and its causes, joined with ": ".
-pub(crate) fn chain(err: &(dyn Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
+pub(crate) use crate::error_chain as chain;
