@@ -276,26 +276,26 @@ impl SlotUpdater {
     /// On an error (the VM in dirty-ring mode, say) nothing is handed out: the bits already read
     /// are kept for the next call.
     pub fn dirty_pages(&mut self) -> Result<DirtyPages, DirtyLogError> {
-        if let Some(ring) = self.ring.clone() {
-            // One reap covers every slot; an error names no slot in particular.
-            ring.reap().map_err(|errno| DirtyLogError {
-                slot: crate::model::SlotId::new(0),
-                errno,
-            })?;
-            self.dirty.absorb(ring.take());
-            if let Some(view) = self.view.as_mut() {
-                view.drain(&mut self.dirty);
+        match self.ring.clone() {
+            Some(ring) => {
+                // One reap covers every slot; an error names no slot in particular.
+                ring.reap().map_err(|errno| DirtyLogError {
+                    slot: crate::model::SlotId::new(0),
+                    errno,
+                })?;
+                self.dirty.absorb(ring.take());
             }
-            return Ok(self.dirty.take());
-        }
-        let logging: Vec<Slot> = self
-            .layout()
-            .slots()
-            .filter(|s| s.flags.log_dirty())
-            .copied()
-            .collect();
-        for slot in &logging {
-            self.collect(slot)?;
+            None => {
+                let logging: Vec<Slot> = self
+                    .layout()
+                    .slots()
+                    .filter(|s| s.flags.log_dirty())
+                    .copied()
+                    .collect();
+                for slot in &logging {
+                    self.collect(slot)?;
+                }
+            }
         }
         if let Some(view) = self.view.as_mut() {
             view.drain(&mut self.dirty);
