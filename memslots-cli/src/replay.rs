@@ -4,11 +4,12 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use memslots_testkit::replay::ReplayError;
 use memslots_testkit::soft::compare::CompareOptions;
-use memslots_testkit::soft::replay::SoftReplayConfig;
+use memslots_testkit::soft::replay::{replay_calls, SoftReplayConfig, SoftReplayError};
 use memslots_testkit::strategy::Strategy;
 use memslots_testkit::stress::{replay, ReplayConfig, StressReport};
-use memslots_testkit::trace::Trace;
+use memslots_testkit::trace::{Trace, TraceReader};
 
 use crate::output::{json_line, Progress};
 use crate::stress::{
@@ -32,7 +33,7 @@ pub struct Args {
     #[arg(long, value_enum)]
     trigger: Option<TriggerArg>,
     /// Times through the trace (forward, then back to the first layout); kvm backend only, the
-    /// soft backend runs each commit once, three ways, on fresh soft memory.
+    /// soft backend runs each commit once, three ways.
     #[arg(long, default_value_t = 20)]
     loops: u64,
     /// vCPUs running the test guest (soft backend: reader threads).
@@ -54,7 +55,6 @@ pub struct Args {
 
 /// Runs the subcommand.
 pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
-    let trace = Trace::from_file(&args.trace)?;
     let name = args
         .trace
         .file_name()
@@ -62,9 +62,10 @@ pub fn run_cli(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let trigger = trigger(args.backend, args.trigger)?;
     let dirty_ring = crate::stress::dirty_ring(args.backend, args.dirty_log)?;
     if args.backend == BackendArg::Soft {
-        return run_soft(&args, &trace, &name);
+        return run_soft(&args, &name);
     }
     require_kvm()?;
+    let trace = Trace::from_file(&args.trace)?;
     let config = ReplayConfig {
         strategy: args.strategy.into(),
         trigger,
@@ -95,7 +96,7 @@ fn print_replay_summary(report: &StressReport) {
 }
 
 /// `--backend soft`: every commit three ways (QEMU's calls, planned batch, native primitives).
-fn run_soft(args: &Args, trace: &Trace, name: &str) -> Result<ExitCode, Box<dyn Error>> {
+fn run_soft(args: &Args, name: &str) -> Result<ExitCode, Box<dyn Error>> {
     if args.inject_faults.is_some() {
         return Err("--inject-faults is not supported by replay --backend soft".into());
     }
@@ -106,8 +107,15 @@ fn run_soft(args: &Args, trace: &Trace, name: &str) -> Result<ExitCode, Box<dyn 
         prefault_pages: CompareOptions::default().prefault_pages,
     };
     let bar = Progress::new(None, format!("{name} / soft"));
-    let soft = memslots_testkit::soft::replay::replay(trace, name, &config, |done, total| {
+    // Streamed: the trace is read as it is replayed, commit by commit.
+    let calls = TraceReader::open(&args.trace)?;
+    let soft = replay_calls(calls, None, name, &config, |done, total| {
         bar.set(done, total)
+    })
+    .map_err(|e| match e {
+        // Already says FILE:LINE.
+        SoftReplayError::Trace(ReplayError::Trace(e)) => Box::<dyn Error>::from(e),
+        e => format!("{}: {}", args.trace.display(), crate::output::chain(&e)).into(),
     })?;
     bar.finish();
     print_replay_summary(&soft.report);

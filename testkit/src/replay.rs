@@ -449,6 +449,13 @@ impl<I: Iterator<Item = Result<TraceCall, TraceError>>> PlannedCommits<I> {
         MemoryMap::from_layout(&self.rebuild.layout)
     }
 
+    /// The ranges outside which the last plan changed neither QEMU's mapping nor any slot of
+    /// the planner's layout, sorted and disjoint, each holding whole every slot (before and after)
+    /// that reaches into it; `None` when the last commit was planned from the whole map.
+    pub fn window(&self) -> Option<&[GpaRange]> {
+        self.planner.window()
+    }
+
     /// Figures summed over the commits handed out so far.
     pub fn totals(&self) -> Totals {
         self.totals

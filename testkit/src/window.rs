@@ -39,6 +39,8 @@ pub(crate) struct WindowPlanner {
     layout: Layout,
     free: FreeIds,
     policy: CutPolicy,
+    /// The last plan's window; `None` when it was planned from the whole map.
+    window: Option<Vec<GpaRange>>,
 }
 
 impl WindowPlanner {
@@ -48,12 +50,20 @@ impl WindowPlanner {
             layout: Layout::new(limits),
             free: FreeIds::default(),
             policy: policy.clone(),
+            window: None,
         }
     }
 
     /// The layout after the last plan.
     pub(crate) fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The ranges outside which the last plan changed neither layout's mapping nor any slot,
+    /// sorted and disjoint, each holding whole every slot of both layouts (before and after the
+    /// plan) that reaches into it; `None` when it was planned from the whole map.
+    pub(crate) fn window(&self) -> Option<&[GpaRange]> {
+        self.window.as_deref()
     }
 
     /// Plans, applies and checks the change to `qemu`'s mapping, which differs from the one the
@@ -63,6 +73,7 @@ impl WindowPlanner {
         qemu: &Layout,
         touched: &[GpaRange],
     ) -> Result<Plan, WindowError> {
+        self.window = None;
         let window = window(qemu, &self.layout, touched);
         let target = MemoryMap::from_layout(&within(qemu, &window));
         let (plan, whole) = match self.windowed(&window, &target) {
@@ -86,6 +97,7 @@ impl WindowPlanner {
         } else {
             MemoryMap::from_layout(&within(&self.layout, &window)) == target
         };
+        self.window = (!whole).then_some(window);
         if matches {
             Ok(plan)
         } else {
@@ -298,7 +310,7 @@ fn close(qemu: &Layout, planner: &Layout, mut r: GpaRange) -> GpaRange {
 }
 
 /// The slots of `layout` inside `window` (which holds each whole), as a layout of their own.
-fn within(layout: &Layout, window: &[GpaRange]) -> Layout {
+pub(crate) fn within(layout: &Layout, window: &[GpaRange]) -> Layout {
     let mut out = Layout::new(*layout.limits());
     for r in window {
         for s in layout.overlapping(r.address_space, r.start, r.end) {

@@ -289,3 +289,82 @@ fn soft_replay_of_a_long_wide_trace_keeps_no_map_per_commit() {
     assert_eq!(report.report.layout_matches, Some(true));
     assert!(growth < 12 * 1024, "peak RSS grew {growth} KiB");
 }
+
+/// Probed bytes per commit of a soft replay, the first commit (which creates every slot) left
+/// out: `commits` commits over `slots` slots, minus one commit over the same slots.
+fn probed_bytes_per_later_commit(commits: usize, slots: u16) -> u64 {
+    let config = SoftReplayConfig {
+        strategy: Strategy::Naive,
+        readers: 0,
+        // No cap: every page of what a commit probes is probed.
+        prefault_pages: 1 << 30,
+    };
+    let probed = |commits| {
+        let spec = SyntheticTrace {
+            commits,
+            slots,
+            seed: 5,
+        };
+        let trace = Trace::parse(&spec.text()).unwrap();
+        let r = soft_replay(&trace, "synthetic", &config, |_, _| {}).expect("replays");
+        assert_eq!(r.report.layout_matches, Some(true));
+        r.report
+            .probed_bytes
+            .expect("soft replay reports probed_bytes")
+    };
+    (probed(commits) - probed(1)) / (commits as u64 - 1)
+}
+
+/// Each commit of a soft replay is run, probed and checked over its window (what it changed and
+/// the slots and regions reaching into that), not over the layout: the per-commit work does not
+/// grow with the slots. Probing every slot's pages each commit, as the replay did when each commit
+/// ran on fresh memories built from the whole layout, probes 2 x 400 x 1 MiB per commit here.
+#[test]
+fn soft_replay_probes_each_commit_s_window_not_the_layout() {
+    let narrow = probed_bytes_per_later_commit(61, 20);
+    let wide = probed_bytes_per_later_commit(61, 400);
+    eprintln!("probed per commit: {narrow} bytes over 20 slots, {wide} over 400");
+    assert!(narrow > 0 && wide > 0, "no page probed");
+    // A commit re-slots one 1 MiB slot in its 2 MiB cell; its window is that cell, grown only
+    // where neighbouring slots continue each other.
+    for per_commit in [narrow, wide] {
+        assert!(
+            per_commit <= 8 << 20,
+            "{per_commit} bytes probed per commit"
+        );
+    }
+}
+
+/// The soft replay's readers probe inside every hole QEMU's calls open: on each committed trace
+/// whose calls open one, some probed page is in it.
+#[test]
+fn soft_replay_probes_reach_the_holes_of_every_committed_trace() {
+    let config = SoftReplayConfig {
+        strategy: Strategy::Naive,
+        readers: 0,
+        prefault_pages: 1 << 12,
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces");
+    let mut with_holes = 0;
+    for sub in ["", "smm", "dirty-log"] {
+        for path in Trace::files_in(&dir.join(sub)).unwrap() {
+            let trace = Trace::from_file(&path).unwrap();
+            let r = soft_replay(&trace, "trace", &config, |_, _| {}).expect("replays");
+            let (probed, holes, in_holes) = (
+                r.report.probed_bytes.unwrap(),
+                r.report.hole_bytes.unwrap(),
+                r.report.hole_bytes_probed.unwrap(),
+            );
+            eprintln!(
+                "{}: probed {probed}, holes {holes}, in holes {in_holes}",
+                path.display()
+            );
+            assert!(in_holes <= probed.min(holes));
+            if holes > 0 {
+                with_holes += 1;
+                assert!(in_holes > 0, "{}: no probe in a hole", path.display());
+            }
+        }
+    }
+    assert!(with_holes >= 2, "only {with_holes} traces open a hole");
+}

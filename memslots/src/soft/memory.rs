@@ -152,6 +152,13 @@ impl SoftMemory {
         zapped
     }
 
+    /// Drops every cached translation without counting a zap, as an MMU starting afresh would
+    /// have none; returns how many there were. Ways of applying the same change are compared on
+    /// equal terms when each starts from the same cache, whatever earlier changes left in it.
+    pub fn drop_sptes(&mut self) -> u64 {
+        self.spte.clear()
+    }
+
     /// Makes call `index` of every following batch fail after the invalid slots were published
     /// and zapped (the soft stand-in for an ioctl failing mid-batch), or stops doing so.
     pub fn fail_call(&mut self, index: Option<usize>) {

@@ -112,6 +112,14 @@ impl SpteCache {
         n
     }
 
+    /// Drops every entry without counting a zap; returns how many there were.
+    pub(crate) fn clear(&self) -> u64 {
+        (0..self.spaces.len() as u16)
+            .filter_map(|s| self.space(s))
+            .map(|mut m| std::mem::take(&mut *m).len() as u64)
+            .sum()
+    }
+
     /// Number of entries, all spaces.
     pub fn len(&self) -> usize {
         (0..self.spaces.len() as u16)

@@ -1,21 +1,32 @@
 //! `memslots replay TRACE --backend soft`: every commit of a QEMU trace run three ways on soft
-//! memory ([`compare_commit`]): QEMU's calls as one-call batches, the planner's batch through
-//! the atomic list algorithm, and native primitives; with reader threads standing in for vCPUs.
+//! memory: QEMU's calls as one-call batches, the planner's batch through the atomic list
+//! algorithm, and native primitives; with reader threads standing in for vCPUs.
+//!
+//! Each way keeps its own soft memory through the whole trace, and everything done per commit is
+//! confined to the commit's window (the ranges outside which neither QEMU's mapping nor the
+//! planner's slots change, see `window.rs`): the readers and the prefault cover the window's
+//! pages, the native steps are worked out from the window's slots, and the per-commit checks
+//! compare the window's slots. So time grows with the trace (times the log of the layout), not
+//! with commits times slots; the whole layouts are compared once, at the end. A commit planned
+//! from the whole map (rare: a slot budget crossed) is handled the same way over the whole
+//! layout.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde::Serialize;
 
-use super::compare::{compare_commit, CompareOptions, TraceComparison};
-use super::stress::{one_call_batches, qemu_inhibits};
-use crate::replay::{calls_of, QemuCommits};
+use super::compare::{native_steps, NativeStep, TraceComparison, WayReport};
+use super::stress::one_call_batches;
+use crate::replay::{calls_of, PlannedCommits};
 use crate::stats::{Micros, Samples};
 use crate::strategy::Strategy;
 use crate::stress::StressReport;
-use crate::trace::Trace;
-use memslots::model::{Layout, Limits};
-use memslots::planner::plan;
-use memslots::soft::{SoftError, SoftMemory};
+use crate::trace::{Trace, TraceCall, TraceError};
+use crate::window::within;
+use memslots::model::{GpaRange, HoleReport, Layout, Limits, PAGE_SIZE};
+use memslots::planner::{CutPolicy, MemoryMap};
+use memslots::soft::{Access, SoftError, SoftMemory};
 
 /// One figure for each of the three ways.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize)]
@@ -61,21 +72,12 @@ pub struct SoftReplayConfig {
 /// Why a trace could not be replayed on the soft backend.
 #[derive(Debug, thiserror::Error)]
 pub enum SoftReplayError {
-    /// The trace's commits could not be rebuilt.
-    #[error("rebuilding the trace's commits")]
+    /// The trace could not be read, or a commit not planned.
+    #[error("rebuilding and planning the trace's commits")]
     Trace(#[from] crate::replay::ReplayError),
     /// The trace has no commit.
     #[error("the trace has no commit")]
     Empty,
-    /// The planner refused a commit.
-    #[error("planning commit {commit}")]
-    Plan {
-        /// Commit index.
-        commit: usize,
-        /// The cause.
-        #[source]
-        source: memslots::planner::PlanError,
-    },
     /// The soft backend refused a commit one of the ways.
     #[error("running commit {commit} on soft memory")]
     Soft {
@@ -87,79 +89,315 @@ pub enum SoftReplayError {
     },
 }
 
-fn per_way(t: &TraceComparison, f: impl Fn(&super::WayReport) -> u64) -> PerWay {
-    PerWay {
-        qemu: f(&t.qemu),
-        planned: f(&t.planned),
-        native: f(&t.native),
+/// Replays a parsed trace; see [`replay_calls`].
+pub fn replay(
+    trace: &Trace,
+    name: &str,
+    config: &SoftReplayConfig,
+    progress: impl FnMut(u64, Option<u64>),
+) -> Result<SoftReplayReport, SoftReplayError> {
+    let total = trace.commits().len() as u64;
+    replay_calls(calls_of(trace), Some(total), name, config, progress)
+}
+
+/// One way of applying the trace: its soft memory through the whole trace.
+struct Way {
+    memory: SoftMemory,
+    report: WayReport,
+}
+
+impl Way {
+    fn new(limits: Limits) -> Self {
+        Way {
+            memory: SoftMemory::new(limits),
+            report: WayReport::default(),
+        }
+    }
+
+    /// Runs `apply` with the cache holding exactly the probed pages and `readers` threads
+    /// touching them meanwhile; adds what it cost to the way's sums.
+    fn run(
+        &mut self,
+        probes: &[Probe],
+        readers: usize,
+        apply: impl FnOnce(&mut SoftMemory) -> Result<u64, SoftError>,
+    ) -> Result<(), SoftError> {
+        let memory = &mut self.memory;
+        memory.drop_sptes();
+        let mut prefault = memory.reader();
+        for p in probes {
+            prefault.access_in(p.address_space, p.gpa, true);
+        }
+        drop(prefault);
+        let (start, start_total) = (memory.counters(), memory.total());
+        let stop = AtomicBool::new(false);
+        let spurious = AtomicU64::new(0);
+        let steps = std::thread::scope(|scope| {
+            if !probes.is_empty() {
+                for r in 0..readers {
+                    let mut reader = memory.reader();
+                    let (stop, spurious) = (&stop, &spurious);
+                    scope.spawn(move || {
+                        let mut seen = 0;
+                        let mut i = r * probes.len() / readers;
+                        while !stop.load(Ordering::Relaxed) {
+                            let p = &probes[i % probes.len()];
+                            if p.ram_throughout
+                                && reader.access_in(p.address_space, p.gpa, false) == Access::Mmio
+                            {
+                                seen += 1;
+                            }
+                            i += 1;
+                        }
+                        spurious.fetch_add(seen, Ordering::Relaxed);
+                    });
+                }
+            }
+            let steps = apply(memory);
+            stop.store(true, Ordering::Relaxed);
+            steps
+        })?;
+        let (end, total) = (memory.counters(), memory.total());
+        self.report.add(&WayReport {
+            steps,
+            zapped_pages: end.zapped - start.zapped,
+            retries: end.retries - start.retries,
+            spurious_mmio: spurious.load(Ordering::Relaxed),
+            faults: end.faults - start.faults,
+            publishes: total.publishes - start_total.publishes,
+            invalidated: total.invalidated - start_total.invalidated,
+        });
+        Ok(())
     }
 }
 
-/// Replays `trace` three ways, commit by commit, starting from an empty layout; each commit's
-/// planned batch is planned from QEMU's layout before it to QEMU's mapping after it.
+/// A page the readers touch during a commit.
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    address_space: u16,
+    gpa: u64,
+    /// RAM in QEMU's layout before and after the commit: MMIO there is a spurious exit.
+    ram_throughout: bool,
+    /// In a hole QEMU's calls open: where a spurious exit can be seen.
+    in_hole: bool,
+}
+
+/// At most `limit` pages of `ranges`, spread evenly over them.
+fn probes(
+    ranges: &[GpaRange],
+    before: &Layout,
+    after: &Layout,
+    holes: &HoleReport,
+    limit: u64,
+) -> Vec<Probe> {
+    let pages: u64 = ranges
+        .iter()
+        .map(|r| (r.end - r.start).div_ceil(PAGE_SIZE))
+        .sum();
+    let stride = pages.div_ceil(limit.max(1)).max(1);
+    let mut out = Vec::new();
+    // Pages of the next range to pass over before its first probe.
+    let mut skip = 0;
+    for r in ranges {
+        let n = (r.end - r.start).div_ceil(PAGE_SIZE);
+        let mut k = skip;
+        while k < n {
+            let Some(gpa) = k
+                .checked_mul(PAGE_SIZE)
+                .and_then(|o| r.start.checked_add(o))
+            else {
+                break;
+            };
+            let space = r.address_space;
+            out.push(Probe {
+                address_space: space,
+                gpa,
+                ram_throughout: before.find(space, gpa).is_some()
+                    && after.find(space, gpa).is_some(),
+                in_hole: holes.holes.iter().any(|h| {
+                    h.range.address_space == space && h.range.start <= gpa && gpa < h.range.end
+                }),
+            });
+            k += stride;
+        }
+        skip = k.saturating_sub(n);
+    }
+    out
+}
+
+/// Every slot's range in `layouts`: the window of a commit planned from the whole map.
+fn all_ranges(layouts: &[&Layout]) -> Vec<GpaRange> {
+    let mut out: Vec<GpaRange> = layouts
+        .iter()
+        .flat_map(|l| l.slots())
+        .map(|s| GpaRange {
+            address_space: s.id.address_space,
+            start: s.gpa,
+            end: s.end(),
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The slots of `layout` in `window`, or all of them without one.
+fn part(layout: &Layout, window: Option<&[GpaRange]>) -> Layout {
+    match window {
+        Some(w) => within(layout, w),
+        None => layout.clone(),
+    }
+}
+
+/// Replays the trace `calls` yields (a file is read as it goes, see
+/// [`TraceReader`](crate::trace::TraceReader)) three ways, commit by commit, starting from an
+/// empty layout; each commit is planned from the planner's layout to QEMU's mapping after it, as
+/// `memslots plan` plans it. `total` is the number of commits, if known, for `progress`.
 ///
-/// `layout_matches` is whether, in every commit, both the planned batch and the native steps end
-/// in the trace's mapping. `update_us` (and, for `qemu`, `blackout_us`) are the strategy's way
-/// timed again on its own without readers, so that the readers' threads do not inflate it.
-pub fn replay(
-    trace: &Trace,
+/// `layout_matches` is whether, in every commit, the planned batch ends in QEMU's mapping and the
+/// native steps in the planned batch's layout. `update_us` (and, for `qemu`, `blackout_us`) are
+/// the strategy's way run once more on a soft memory of its own without readers, so that the
+/// readers' threads do not inflate it.
+pub fn replay_calls(
+    calls: impl Iterator<Item = Result<TraceCall, TraceError>>,
+    total: Option<u64>,
     name: &str,
     config: &SoftReplayConfig,
     mut progress: impl FnMut(u64, Option<u64>),
 ) -> Result<SoftReplayReport, SoftReplayError> {
     let rss_kib_start = crate::stress::peak_rss_kib();
     let limits = Limits::default();
-    // Commits are rebuilt one at a time (each map dropped once its commit ran), so memory is a
-    // few layouts however long the trace; only the count is taken up front, for the progress.
-    let total = trace.commits().len() as u64;
-    if total == 0 {
-        return Err(SoftReplayError::Empty);
-    }
-    let options = CompareOptions {
-        readers: config.readers,
-        prefault_pages: config.prefault_pages,
-    };
-    let mut layout = Layout::new(limits);
+    let mut stream = PlannedCommits::new(calls, limits, &CutPolicy::default());
+    let (mut qemu, mut planned, mut native) =
+        (Way::new(limits), Way::new(limits), Way::new(limits));
+    // The strategy's way, timed alone.
+    let mut timed = SoftMemory::new(limits);
+    // QEMU's layout before the commit, for its holes.
+    let mut qemu_before = Layout::new(limits);
+    let (mut probed_bytes, mut hole_bytes, mut hole_bytes_probed) = (0u64, 0u64, 0u64);
     let mut sums = TraceComparison::new();
     let (mut spurious, mut ioctls) = (0u64, 0u64);
     let mut blackout = Samples::new();
     let mut update_us = Samples::new();
-    for (i, c) in QemuCommits::new(calls_of(trace), limits).enumerate() {
+    let mut i = 0;
+    while let Some(c) = stream.next() {
         let c = c?;
         let soft = |source| SoftReplayError::Soft { commit: i, source };
-        let calls = &c.accepted;
-        let planned = plan(&layout, &c.target)
-            .map_err(|source| SoftReplayError::Plan { commit: i, source })?
-            .batch();
-        let cmp = compare_commit(&layout, calls, &planned, &options).map_err(soft)?;
-        sums.add(&cmp);
+        let window = stream.window().map(<[GpaRange]>::to_vec);
+        let ranges = window.clone().unwrap_or_else(|| {
+            all_ranges(&[
+                qemu.memory.layout(),
+                stream.qemu_layout(),
+                planned.memory.layout(),
+                stream.layout(),
+            ])
+        });
+        let accepted = &c.commit.accepted;
+        let holes = qemu_before
+            .holes(accepted)
+            .map_err(|e| soft(SoftError::Refused(e)))?;
+        let probes = probes(
+            &ranges,
+            &qemu_before,
+            stream.qemu_layout(),
+            &holes,
+            config.prefault_pages,
+        );
+        probed_bytes += probes.len() as u64 * PAGE_SIZE;
+        hole_bytes += holes.bytes();
+        hole_bytes_probed += probes.iter().filter(|p| p.in_hole).count() as u64 * PAGE_SIZE;
+        // The primitives lower the planner's change, not QEMU's: QEMU renumbers slots it
+        // re-creates, and a primitive only applies to a slot that keeps its id.
+        let steps = native_steps(
+            &part(planned.memory.layout(), window.as_deref()),
+            &part(stream.layout(), window.as_deref()),
+        );
+        let batch = c.plan.batch();
+        let before = (qemu.report, planned.report, native.report);
 
-        // The strategy's way again, alone, timed.
-        let mut memory = SoftMemory::with_layout(layout.clone());
+        qemu.run(&probes, config.readers, |m| {
+            for call in accepted {
+                m.apply_batch(std::slice::from_ref(call))?;
+            }
+            Ok(accepted.len() as u64)
+        })
+        .map_err(soft)?;
+        planned
+            .run(&probes, config.readers, |m| {
+                m.apply_batch(batch.calls())?;
+                Ok(1)
+            })
+            .map_err(soft)?;
+        native
+            .run(&probes, config.readers, |m| {
+                for step in &steps {
+                    match step {
+                        NativeStep::Primitive(p) => m.apply_primitive(p)?,
+                        NativeStep::Batch(b) => m.apply_batch(b.calls())?,
+                    };
+                }
+                Ok(steps.len() as u64)
+            })
+            .map_err(soft)?;
+
+        // The way of the summary, alone, timed.
+        let inhibited = config.strategy == Strategy::Qemu && c.commit.qemu.inhibited_ioctls > 0;
         let t0 = Instant::now();
-        let inhibited = config.strategy == Strategy::Qemu && qemu_inhibits(&layout, calls);
         match config.strategy {
             Strategy::Atomic => {
-                memory.apply_batch(planned.calls()).map_err(soft)?;
+                timed.apply_batch(batch.calls()).map_err(soft)?;
                 ioctls += 1;
-                spurious += cmp.planned.spurious_mmio;
             }
             Strategy::Qemu | Strategy::Naive => {
-                one_call_batches(&mut memory, calls, &mut ioctls).map_err(soft)?;
-                // QEMU 8.0 holds vCPUs out of a commit whose deletes overlap its creates.
-                if !inhibited {
-                    spurious += cmp.qemu.spurious_mmio;
-                }
+                one_call_batches(&mut timed, accepted, &mut ioctls).map_err(soft)?;
             }
         }
         let us = t0.elapsed().as_secs_f64() * 1e6;
         update_us.push(us);
         blackout.push(if inhibited { us } else { 0.0 });
-        layout
-            .apply_batch(calls)
+        spurious += match config.strategy {
+            Strategy::Atomic => planned.report.spurious_mmio - before.1.spurious_mmio,
+            // QEMU 8.0 holds vCPUs out of a commit whose deletes overlap its creates.
+            _ if inhibited => 0,
+            _ => qemu.report.spurious_mmio - before.0.spurious_mmio,
+        };
+
+        qemu_before
+            .apply_batch(accepted)
             .map_err(|e| soft(SoftError::Refused(e)))?;
-        progress(i as u64 + 1, Some(total));
+
+        // Outside the window nothing changed: the window's slots say whether the ways agree.
+        let w = window.as_deref();
+        sums.commits += 1;
+        sums.planned_matches &= MemoryMap::from_layout(&part(planned.memory.layout(), w))
+            == MemoryMap::from_layout(&part(qemu.memory.layout(), w));
+        sums.native_matches &=
+            part(native.memory.layout(), w)
+                .slots()
+                .eq(part(planned.memory.layout(), w).slots());
+        i += 1;
+        progress(i as u64, total);
     }
+    if i == 0 {
+        return Err(SoftReplayError::Empty);
+    }
+    // Once, over the whole layouts: every way where the trace and the planner left it.
+    sums.planned_matches &= MemoryMap::from_layout(planned.memory.layout())
+        == MemoryMap::from_layout(qemu.memory.layout())
+        && qemu
+            .memory
+            .layout()
+            .slots()
+            .eq(stream.qemu_layout().slots())
+        && planned.memory.layout().slots().eq(stream.layout().slots());
+    sums.native_matches &= native
+        .memory
+        .layout()
+        .slots()
+        .eq(planned.memory.layout().slots());
+    sums.qemu = qemu.report;
+    sums.planned = planned.report;
+    sums.native = native.report;
     let report = StressReport {
         backend: "soft",
         trigger: "host",
@@ -176,11 +414,10 @@ pub fn replay(
         rollbacks: 0,
         blackout_us: blackout.micros(true),
         update_us: update_us.micros(false),
-        // QEMU's layout after each commit maps exactly the trace's target.
         layout_matches: Some(sums.planned_matches && sums.native_matches),
-        probed_bytes: None,
-        hole_bytes: None,
-        hole_bytes_probed: None,
+        probed_bytes: Some(probed_bytes),
+        hole_bytes: Some(hole_bytes),
+        hole_bytes_probed: Some(hole_bytes_probed),
         kick_to_parked_us: Micros::default(),
         rss_kib_start,
         rss_kib_end: crate::stress::peak_rss_kib(),
@@ -193,4 +430,12 @@ pub fn replay(
         spurious: per_way(&sums, |w| w.spurious_mmio),
         ways: sums,
     })
+}
+
+fn per_way(t: &TraceComparison, f: impl Fn(&WayReport) -> u64) -> PerWay {
+    PerWay {
+        qemu: f(&t.qemu),
+        planned: f(&t.planned),
+        native: f(&t.native),
+    }
 }
