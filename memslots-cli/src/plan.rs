@@ -164,11 +164,21 @@ struct SvgFrames {
 }
 
 impl SvgFrames {
+    /// Whether the frames so far passed a bound: then no more is drawn, or built.
+    fn too_large(&self) -> bool {
+        self.commits > SVG_MAX_FRAMES || self.items > SVG_MAX_ITEMS
+    }
+
+    /// Counts a commit past the bounds, without its maps.
+    fn skip(&mut self) {
+        self.commits += 1;
+    }
+
     fn push(&mut self, before: &MemoryMap, after: &MemoryMap, commit: &PlannedCommit) {
         self.commits += 1;
         self.items += before.len() + after.len() + commit.plan.calls.len();
-        if self.commits > SVG_MAX_FRAMES || self.items > SVG_MAX_ITEMS {
-            // Too large to draw: keep counting, drop what was kept.
+        if self.too_large() {
+            // Too large to draw: keep counting commits, drop what was kept.
             self.frames = Vec::new();
             return;
         }
@@ -213,10 +223,15 @@ fn run_trace(path: &Path, policy: &CutPolicy, args: &Args) -> Result<ExitCode, B
             transactions.push(Transaction::of(&c.plan));
         }
         if let Some(svg) = &mut svg {
-            // The maps cost time in the layout's size per commit: only for a drawing.
-            let after = stream.target();
-            svg.push(&before, &after, &c);
-            before = after;
+            if svg.too_large() {
+                svg.skip();
+            } else {
+                // The maps cost time in the layout's size per commit: only for a drawing that
+                // can still be drawn.
+                let after = stream.target();
+                svg.push(&before, &after, &c);
+                before = after;
+            }
         }
     }
     let totals = stream.totals();
@@ -337,8 +352,14 @@ const SVG_MAX_ITEMS: usize = 100_000;
 
 /// Refuses, with a clear error, an SVG of `frames` frames drawing `items` (regions before and
 /// after, and calls, per frame) past the bounds, before anything is rendered.
+/// Regions and calls are counted only until a bound is passed: past it, `items` is a floor.
 fn svg_fits(frames: usize, items: usize) -> Result<(), Box<dyn Error>> {
     if frames > SVG_MAX_FRAMES || items > SVG_MAX_ITEMS {
+        let items = if items > SVG_MAX_ITEMS {
+            format!("over {SVG_MAX_ITEMS}")
+        } else {
+            format!("{items} or more")
+        };
         return Err(format!(
             "--svg: the trace is too large to draw ({frames} commits, {items} regions and calls; \
              at most {SVG_MAX_FRAMES} commits and {SVG_MAX_ITEMS} regions and calls); \
