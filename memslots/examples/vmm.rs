@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use memslots::kvm::{Backing, DirtyBits, Hold, SlotUpdater, VcpuGate};
 use memslots::model::SlotFlags;
-use memslots::planner::{Listener, Section};
+use memslots::planner::{CutPolicy, Listener, Section};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
@@ -202,7 +202,10 @@ pub fn run(
         mem.write_bytes(host + RAM + bank as u64 * BANK, &sig.to_le_bytes());
     }
 
-    let mut listener = Listener::new(*updater.layout().limits());
+    // New slots are cut where one registered memory meets another (one memory here, so none):
+    // a slot may not span two, though a map joins them where mmap placed them back to back.
+    let policy = CutPolicy::default().with_host_boundaries(updater.host_edges());
+    let mut listener = Listener::with_policy(*updater.layout().limits(), policy);
     listener.begin()?;
     let ram = Section {
         address_space: 0,

@@ -187,3 +187,69 @@ fn memory_mapped_read_only_is_refused() {
         Err(MemoryError::NotWritable { .. })
     ));
 }
+
+/// Two memories the VMM registered apart that mmap placed back to back, mapped back to back in
+/// GPA too: the map joins them into one range, and a plan cut only by the default policy makes
+/// one slot over both, which the updater refuses (a slot lies in one registered memory). Cut at
+/// the updater's host edges, the plan makes one slot each, and it applies.
+#[test]
+fn memories_registered_apart_are_never_one_slot() {
+    use memslots::kvm::ApplyError;
+    use memslots::planner::{plan_with, CutPolicy, MemoryMap, Region};
+
+    let Some(vm) = vmm_vm() else { return };
+    let mut u = SlotUpdater::new(vm, gate());
+    let both = memfd_region(0x20_0000);
+    let host = both.as_ptr() as u64;
+    for (name, start) in [("low", host), ("high", host + 0x10_0000)] {
+        // SAFETY: `both` maps the whole 2 MiB read-write and each backing owns a clone of it.
+        let backing = unsafe { Backing::from_raw(name, start, 0x10_0000, None, both.clone()) };
+        u.add_backing(backing.expect("aligned")).expect("register");
+    }
+    assert_eq!(u.host_edges(), vec![host + 0x10_0000]);
+    let map = MemoryMap::new(vec![
+        Region {
+            address_space: 0,
+            gpa: 0x100_0000,
+            size: 0x10_0000,
+            host,
+            flags: SlotFlags::NONE,
+        },
+        Region {
+            address_space: 0,
+            gpa: 0x110_0000,
+            size: 0x10_0000,
+            host: host + 0x10_0000,
+            flags: SlotFlags::NONE,
+        },
+    ])
+    .expect("a valid map");
+    assert_eq!(map.len(), 1, "the map joins what continues in GPA and host");
+
+    let joined = plan_with(u.layout(), &map, &CutPolicy::default()).expect("plans");
+    assert_eq!(joined.ioctls(), 1, "{joined:?}");
+    match u.apply(&joined.slot_calls()) {
+        Err(ApplyError::RolledBack { index: 0, .. }) => {}
+        other => panic!("one slot over two memories: {other:?}"),
+    }
+    assert!(u.layout().is_empty(), "nothing applied");
+
+    let policy = CutPolicy::default().with_host_boundaries(u.host_edges());
+    let plan = plan_with(u.layout(), &map, &policy).expect("plans");
+    assert_eq!(plan.ioctls(), 2, "{plan:?}");
+    u.apply(&plan.slot_calls())
+        .expect("one slot per memory applies");
+    assert_eq!(MemoryMap::from_layout(u.layout()), map);
+    // The device view reaches both memories through their slots.
+    let view = u.device_memory().expect("the updater's own view").memory();
+    view.write_obj(0x5a5a_5a5a_u32, GuestAddress(0x10f_fffc))
+        .expect("low");
+    view.write_obj(0xa5a5_a5a5_u32, GuestAddress(0x110_0000))
+        .expect("high");
+    // SAFETY: both offsets lie inside the 2 MiB `both` maps; plain reads of u32s.
+    let read = |offset: usize| unsafe { both.as_ptr().add(offset).cast::<u32>().read_volatile() };
+    assert_eq!(
+        (read(0xf_fffc), read(0x10_0000)),
+        (0x5a5a_5a5a, 0xa5a5_a5a5)
+    );
+}

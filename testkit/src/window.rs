@@ -129,7 +129,7 @@ impl WindowPlanner {
         if over.contains(&false) {
             return None;
         }
-        let plan = plan_with(&current, target, &CutPolicy::minimal()).ok()?;
+        let plan = plan_with(&current, target, &self.policy.minimal_within()).ok()?;
         spaces
             .iter()
             .all(|&s| self.ids_after(&plan, s) <= limit)

@@ -287,6 +287,22 @@ impl HostMemory {
         self.backings.len() != before
     }
 
+    /// Host addresses where one registered backing ends and another begins, ascending: a map
+    /// joins memory across them when it continues in GPA too, but a slot may not span them.
+    pub fn edges(&self) -> Vec<u64> {
+        let starts: std::collections::BTreeSet<u64> =
+            self.backings.iter().map(|b| b.host()).collect();
+        let mut out: Vec<u64> = self
+            .backings
+            .iter()
+            .map(|b| b.host() + b.size())
+            .filter(|end| starts.contains(end))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The backing holding all of `[host, host + size)`.
     pub fn owner(&self, host: u64, size: u64) -> Option<&Arc<Backing>> {
         self.backings.iter().find(|b| b.holds(host, size.max(1)))

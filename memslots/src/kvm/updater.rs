@@ -220,6 +220,16 @@ impl SlotUpdater {
         }
     }
 
+    /// Host addresses where one registered memory ends and another begins: a slot may not span
+    /// them, so a plan for this updater cuts there ([`CutPolicy::with_host_boundaries`]). mmap
+    /// often places two mappings back to back, and a map joins them where they are adjacent in
+    /// GPA too.
+    ///
+    /// [`CutPolicy::with_host_boundaries`]: crate::planner::CutPolicy::with_host_boundaries
+    pub fn host_edges(&self) -> Vec<u64> {
+        self.memory.edges()
+    }
+
     /// Unregisters memory: no new slot may map it. Slots and views that do keep it mapped until
     /// they go. Returns whether it was registered.
     pub fn remove_backing(&mut self, backing: &Arc<Backing>) -> bool {

@@ -88,6 +88,17 @@ impl Listener {
         Self::with_policy(limits, CutPolicy::default())
     }
 
+    /// Cuts new slots with `policy` from the next commit on (say, with the backend's host edges
+    /// once it registered memory: `policy.with_host_boundaries(updater.host_edges())`).
+    pub fn set_policy(&mut self, policy: CutPolicy) {
+        self.policy = policy;
+    }
+
+    /// The cut policy.
+    pub fn policy(&self) -> &CutPolicy {
+        &self.policy
+    }
+
     /// A listener with a given cut policy.
     pub fn with_policy(limits: Limits, policy: CutPolicy) -> Self {
         Listener {

@@ -209,7 +209,7 @@ pub fn plan_with(
         // once peak at the larger of before and after the batch; `slots.len() <= limit` already.
         let after = |sp: &SpacePlan| slots.len() - sp.deletes.len() + sp.creates.len();
         if after(&sp) > budget {
-            sp = plan_space(&slots, regions, &CutPolicy::minimal(), max_bytes);
+            sp = plan_space(&slots, regions, &policy.minimal_within(), max_bytes);
         }
         let needed = after(&sp);
         if needed > limit {

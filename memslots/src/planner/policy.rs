@@ -26,6 +26,12 @@ pub struct CutPolicy {
     /// Slot ids per address space left unused by policy cuts: when the cuts would leave fewer
     /// free, the planner cuts new slots only where the mapping itself requires it.
     pub headroom: u16,
+    /// Host addresses a new slot never spans (sorted ascending), whatever the budget: where one
+    /// registered host memory ends and another begins, which a backend keeps apart (a slot of
+    /// the kvm backend's `SlotUpdater` lies in one registered memory) though the map joins them
+    /// when they continue each other in GPA too.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub host_boundaries: Vec<u64>,
 }
 
 impl CutPolicy {
@@ -37,7 +43,25 @@ impl CutPolicy {
             fine_block: 0,
             huge_page: 0,
             headroom: 0,
+            host_boundaries: Vec::new(),
         }
+    }
+
+    /// This policy, minimal: no cut beyond what the mapping and the host boundaries require.
+    pub fn minimal_within(&self) -> Self {
+        CutPolicy {
+            host_boundaries: self.host_boundaries.clone(),
+            ..CutPolicy::minimal()
+        }
+    }
+
+    /// This policy with `edges` as its host boundaries (the kvm backend's
+    /// `SlotUpdater::host_edges` gives those of its registered memory).
+    pub fn with_host_boundaries(mut self, edges: impl IntoIterator<Item = u64>) -> Self {
+        self.host_boundaries = edges.into_iter().collect();
+        self.host_boundaries.sort_unstable();
+        self.host_boundaries.dedup();
+        self
     }
 
     /// x86 PC: 0xa0000 (end of conventional memory, VGA window), 0xc0000 (expansion ROMs and
@@ -49,12 +73,21 @@ impl CutPolicy {
             fine_block: 0,
             huge_page: 0x20_0000,
             headroom: 4096,
+            host_boundaries: Vec::new(),
         }
     }
 
     /// Cut points strictly inside `[start, end)`, ascending, for a range whose first byte is at
     /// host address `host`.
     pub(crate) fn cuts(&self, start: u64, end: u64, host: u64, out: &mut Vec<u64>) {
+        let first = self.host_boundaries.partition_point(|&b| b <= host);
+        out.extend(
+            self.host_boundaries[first..]
+                .iter()
+                .map(|&b| b - host)
+                .take_while(|&offset| offset < end - start)
+                .map(|offset| start + offset),
+        );
         let first = self.boundaries.partition_point(|&b| b <= start);
         out.extend(
             self.boundaries[first..]
@@ -160,6 +193,26 @@ mod tests {
             out.clear();
             p.cuts(start, end, host, &mut out);
             assert!(out.is_empty(), "host {host:#x}: {out:x?}");
+        }
+    }
+
+    #[test]
+    fn host_boundaries_cut_in_every_policy() {
+        let edges = [0x7f00_0010_0000, 0x7f00_0030_0000, 0x7f00_0100_0000];
+        for base in [CutPolicy::minimal(), CutPolicy::x86_pc()] {
+            let p = base.with_host_boundaries(edges.iter().rev().copied());
+            assert_eq!(p.host_boundaries, edges);
+            for p in [p.clone(), p.minimal_within()] {
+                let mut out = Vec::new();
+                // GPA 0x40_0000.. at host 0x7f00_0000_0000..: the first two edges fall inside
+                // (the third is exactly the end), and no other cut at these GPAs.
+                p.cuts(0x40_0000, 0x140_0000, 0x7f00_0000_0000, &mut out);
+                assert_eq!(out, vec![0x50_0000, 0x70_0000], "{p:?}");
+                // A range starting on an edge is not cut there.
+                out.clear();
+                p.cuts(0x40_0000, 0x50_0000, 0x7f00_0010_0000, &mut out);
+                assert!(out.is_empty(), "{out:x?}");
+            }
         }
     }
 
