@@ -10,14 +10,23 @@ use crate::model::{Slot, SlotId, PAGE_SIZE};
 use super::memory::Backing;
 use super::vm::SlotVm;
 
-/// `KVM_GET_DIRTY_LOG` failed for a slot (for example with the VM in dirty-ring mode).
+/// Dirty pages could not be harvested.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("KVM_GET_DIRTY_LOG of slot {slot} failed with errno {errno}")]
-pub struct DirtyLogError {
-    /// The slot.
-    pub slot: SlotId,
-    /// The errno.
-    pub errno: i32,
+pub enum DirtyLogError {
+    /// `KVM_GET_DIRTY_LOG` failed for a slot (for example with the VM in dirty-ring mode).
+    #[error("KVM_GET_DIRTY_LOG of slot {slot} failed with errno {errno}")]
+    Bitmap {
+        /// The slot.
+        slot: SlotId,
+        /// The errno.
+        errno: i32,
+    },
+    /// `KVM_RESET_DIRTY_RINGS` failed after the rings were read (one reset covers every slot).
+    #[error("KVM_RESET_DIRTY_RINGS failed with errno {errno}")]
+    Ring {
+        /// The errno.
+        errno: i32,
+    },
 }
 
 /// One backing's dirty pages: a bitmap, one bit per page from the backing's first byte.
@@ -136,12 +145,12 @@ impl DirtyLog {
         slot: &Slot,
         backing: &Arc<Backing>,
     ) -> Result<u64, DirtyLogError> {
-        let bitmap = vm
-            .dirty_log(slot.id.raw(), slot.size)
-            .map_err(|errno| DirtyLogError {
-                slot: slot.id,
-                errno,
-            })?;
+        let bitmap =
+            vm.dirty_log(slot.id.raw(), slot.size)
+                .map_err(|errno| DirtyLogError::Bitmap {
+                    slot: slot.id,
+                    errno,
+                })?;
         let into = self.bitmap(backing);
         let mut n = 0;
         for (w, word) in bitmap.iter().enumerate() {

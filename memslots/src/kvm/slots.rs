@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::model::{Applied, Layout, Rule, SlotCall, SlotId};
+use crate::model::{Applied, Layout, Rule, SlotCall};
 
 use super::memory::{Backing, HostMemory};
 use super::vm::SlotVm;
@@ -37,16 +37,15 @@ pub enum SlotCallError {
         /// Whether the failure was injected.
         injected: bool,
     },
-    /// `KVM_GET_DIRTY_LOG` of a logging slot failed just before a call that would drop its
-    /// bitmap; that call was not made, so no dirty bit was lost.
-    #[error("reading the dirty log of slot {slot} failed with errno {errno}; {call} was not made")]
+    /// The last harvest of a logging slot's dirty pages failed just before a call that would
+    /// drop them; that call was not made, so no dirty bit was lost.
+    #[error("the last dirty pages before {call} could not be read; it was not made")]
     DirtyLog {
-        /// The call that would have dropped the bitmap.
+        /// The call that would have dropped the dirty pages.
         call: SlotCall,
-        /// The logging slot.
-        slot: SlotId,
-        /// The errno.
-        errno: i32,
+        /// Why they could not be read.
+        #[source]
+        source: super::dirty::DirtyLogError,
     },
 }
 

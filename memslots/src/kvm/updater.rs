@@ -288,11 +288,7 @@ impl SlotUpdater {
     pub fn dirty_pages(&mut self) -> Result<DirtyPages, DirtyLogError> {
         match self.ring.clone() {
             Some(ring) => {
-                // One reap covers every slot; an error names no slot in particular.
-                ring.reap().map_err(|errno| DirtyLogError {
-                    slot: crate::model::SlotId::new(0),
-                    errno,
-                })?;
+                ring.reap().map_err(|errno| DirtyLogError::Ring { errno })?;
                 self.dirty.absorb(ring.take());
             }
             None => {
@@ -317,10 +313,7 @@ impl SlotUpdater {
     fn collect(&mut self, slot: &Slot) -> Result<u64, DirtyLogError> {
         if let Some(ring) = &self.ring {
             // Every ring, every slot: with the vCPUs held out, nothing of `slot` is left behind.
-            return ring.reap().map_err(|errno| DirtyLogError {
-                slot: slot.id,
-                errno,
-            });
+            return ring.reap().map_err(|errno| DirtyLogError::Ring { errno });
         }
         let backing = self
             .slots
@@ -504,10 +497,9 @@ impl SlotUpdater {
                 .then(|| preview[i].before.expect("has an old slot"))
                 .and_then(|slot| self.collect(&slot).err());
             let result = match unread {
-                Some(e) => Err(SlotCallError::DirtyLog {
+                Some(source) => Err(SlotCallError::DirtyLog {
                     call: *call,
-                    slot: e.slot,
-                    errno: e.errno,
+                    source,
                 }),
                 None => self.slot_call(call, true),
             };
