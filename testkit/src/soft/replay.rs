@@ -116,11 +116,16 @@ impl Way {
 
     /// Runs `apply` with the cache holding exactly the probed pages and `readers` threads
     /// touching them meanwhile; adds what it cost to the way's sums.
+    ///
+    /// `apply` calls its second argument between two of its steps: it returns once every reader
+    /// has made a whole pass over the probes on the layout that step left, as vCPUs run between
+    /// two ioctls. So a probe in a hole a step leaves open is touched while it is open, whatever
+    /// the scheduling; inside one step (a batch), readers race with the writer.
     fn run(
         &mut self,
         probes: &[Probe],
         readers: usize,
-        apply: impl FnOnce(&mut SoftMemory) -> Result<u64, SoftError>,
+        apply: impl FnOnce(&mut SoftMemory, &dyn Fn()) -> Result<u64, SoftError>,
     ) -> Result<(), SoftError> {
         let memory = &mut self.memory;
         memory.drop_sptes();
@@ -132,28 +137,55 @@ impl Way {
         let (start, start_total) = (memory.counters(), memory.total());
         let stop = AtomicBool::new(false);
         let spurious = AtomicU64::new(0);
-        let steps = std::thread::scope(|scope| {
-            if !probes.is_empty() {
-                for r in 0..readers {
-                    let mut reader = memory.reader();
-                    let (stop, spurious) = (&stop, &spurious);
-                    scope.spawn(move || {
-                        let mut seen = 0;
-                        let mut i = r * probes.len() / readers;
-                        while !stop.load(Ordering::Relaxed) {
-                            let p = &probes[i % probes.len()];
-                            if p.ram_throughout
-                                && reader.access_in(p.address_space, p.gpa, false) == Access::Mmio
-                            {
-                                seen += 1;
-                            }
-                            i += 1;
-                        }
-                        spurious.fetch_add(seen, Ordering::Relaxed);
-                    });
-                }
+        let readers = if probes.is_empty() { 0 } else { readers };
+        // Whole passes over the probes, per reader.
+        // Steps the writer made, and per reader the last step it made a whole pass after.
+        let step = AtomicU64::new(0);
+        let acked: Vec<AtomicU64> = (0..readers).map(|_| AtomicU64::new(0)).collect();
+        let settle = || {
+            let now = step.fetch_add(1, Ordering::AcqRel) + 1;
+            while acked.iter().any(|a| a.load(Ordering::Acquire) < now) {
+                // Sleeping, not yielding: the readers spin, and a yielding writer gets its core
+                // back only after their time slice (milliseconds per step).
+                std::thread::sleep(std::time::Duration::from_micros(20));
             }
-            let steps = apply(memory);
+        };
+        let steps = std::thread::scope(|scope| {
+            for (r, ack) in acked.iter().enumerate() {
+                let mut reader = memory.reader();
+                let (stop, spurious, step) = (&stop, &spurious, &step);
+                scope.spawn(move || {
+                    let mut seen = 0;
+                    let n = probes.len();
+                    let (mut i, mut in_pass) = (r * n / readers, 0);
+                    let mut pass_after = step.load(Ordering::Acquire);
+                    while !stop.load(Ordering::Relaxed) {
+                        let p = &probes[i % n];
+                        if p.ram_throughout
+                            && reader.access_in(p.address_space, p.gpa, false) == Access::Mmio
+                        {
+                            seen += 1;
+                        }
+                        i += 1;
+                        in_pass += 1;
+                        if in_pass == n {
+                            ack.store(pass_after, Ordering::Release);
+                            in_pass = 0;
+                            // A writer waiting for this pass gets a core now, not after the
+                            // time slice (on a machine with fewer cores than threads).
+                            std::thread::yield_now();
+                        }
+                        // A new step: the pass starts again, all of it on the new layout.
+                        let now = step.load(Ordering::Acquire);
+                        if now != pass_after {
+                            pass_after = now;
+                            in_pass = 0;
+                        }
+                    }
+                    spurious.fetch_add(seen, Ordering::Relaxed);
+                });
+            }
+            let steps = apply(memory, &settle);
             stop.store(true, Ordering::Relaxed);
             steps
         })?;
@@ -315,22 +347,28 @@ pub fn replay_calls(
         let batch = c.plan.batch();
         let before = (qemu.report, planned.report, native.report);
 
-        qemu.run(&probes, config.readers, |m| {
-            for call in accepted {
+        qemu.run(&probes, config.readers, |m, settle| {
+            for (k, call) in accepted.iter().enumerate() {
+                if k > 0 {
+                    settle();
+                }
                 m.apply_batch(std::slice::from_ref(call))?;
             }
             Ok(accepted.len() as u64)
         })
         .map_err(soft)?;
         planned
-            .run(&probes, config.readers, |m| {
+            .run(&probes, config.readers, |m, _| {
                 m.apply_batch(batch.calls())?;
                 Ok(1)
             })
             .map_err(soft)?;
         native
-            .run(&probes, config.readers, |m| {
-                for step in &steps {
+            .run(&probes, config.readers, |m, settle| {
+                for (k, step) in steps.iter().enumerate() {
+                    if k > 0 {
+                        settle();
+                    }
                     match step {
                         NativeStep::Primitive(p) => m.apply_primitive(p)?,
                         NativeStep::Batch(b) => m.apply_batch(b.calls())?,
