@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use memslots::model::Limits;
-use memslots_testkit::conformance::{run_random, run_trace, RandomRun, Report};
-use memslots_testkit::trace::Trace;
+use memslots_testkit::conformance::{run_random, run_trace_calls, RandomRun, Report};
+use memslots_testkit::trace::TraceReader;
 
 use crate::output::json_line;
 
@@ -61,8 +61,8 @@ fn limits(arg: Option<LimitsArg>) -> Result<Limits, Box<dyn Error>> {
 pub fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let report = match &args.trace {
         Some(path) => {
-            let trace = Trace::from_file(path)?;
-            let report = run_trace(&trace, limits(args.limits)?);
+            // Streamed: the trace is read as it is judged.
+            let report = run_trace_calls(TraceReader::open(path)?, limits(args.limits)?)?;
             println!(
                 "trace {}: {} calls, model predicted every result: {}",
                 path.display(),

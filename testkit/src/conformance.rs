@@ -646,9 +646,30 @@ impl Step {
 ///
 /// Calls the trace says KVM accepted are applied; refused ones are not. No KVM is needed.
 pub fn run_trace(trace: &Trace, limits: Limits) -> Report {
+    match run_trace_calls(
+        trace
+            .calls
+            .iter()
+            .copied()
+            .map(Ok::<_, std::convert::Infallible>),
+        limits,
+    ) {
+        Ok(report) => report,
+        Err(e) => match e {},
+    }
+}
+
+/// [`run_trace`] over a stream of trace calls (a file read as it goes, see
+/// [`TraceReader`](crate::trace::TraceReader)), in memory that does not grow with the trace; stops
+/// at the stream's first error.
+pub fn run_trace_calls<E>(
+    calls: impl IntoIterator<Item = Result<crate::trace::TraceCall, E>>,
+    limits: Limits,
+) -> Result<Report, E> {
     let mut layout = Layout::new(limits);
     let mut report = Report::default();
-    for (index, tc) in trace.calls.iter().enumerate() {
+    for (index, tc) in calls.into_iter().enumerate() {
+        let tc = tc?;
         let step = Step {
             index,
             line: Some(tc.line),
@@ -661,5 +682,5 @@ pub fn run_trace(trace: &Trace, limits: Limits) -> Report {
             break;
         }
     }
-    report
+    Ok(report)
 }
