@@ -21,8 +21,10 @@ pub enum SlotCallError {
         #[source]
         rule: Rule,
     },
-    /// The call would create or move a slot over host memory the library does not own.
-    #[error("{call} maps host memory this VM does not own")]
+    /// The call would create or move a slot over host memory no one registered memory holds
+    /// whole: memory never registered, or two registered memories back to back (a slot lies in
+    /// one; plans cut at [`SlotUpdater::host_edges`](super::SlotUpdater::host_edges)).
+    #[error("{call} maps host memory no single registered memory holds")]
     NotOwned {
         /// The call.
         call: SlotCall,
