@@ -293,3 +293,131 @@ impl DirtyRing {
         self.reaps.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The reaper on rings the test writes itself (anonymous memory standing in for a vCPU's
+    //! ring, so the kernel's rings stay untouched): what a ring found full does, which no
+    //! kernel honouring its soft limit produces on demand.
+
+    use std::ptr::NonNull;
+    use std::sync::Arc;
+
+    use kvm_bindings::kvm_dirty_gfn;
+    use kvm_ioctls::Kvm;
+
+    use super::{DirtyRing, RingMap, F_DIRTY, F_RESET};
+    use crate::kvm::memory::Backing;
+    use crate::kvm::vm::SlotVm;
+    use crate::model::{Slot, SlotFlags, SlotId, PAGE_SIZE};
+
+    const BYTES: u32 = 4096;
+    const ENTRIES: u32 = BYTES / std::mem::size_of::<kvm_dirty_gfn>() as u32;
+
+    /// A ring in dirty-ring mode, or `None` (said loudly) without KVM or its dirty ring.
+    fn ring() -> Option<Arc<DirtyRing>> {
+        let vm = match Kvm::new().and_then(|k| k.create_vm()) {
+            Ok(vm) => Arc::new(vm),
+            Err(e) => {
+                eprintln!("SKIPPED: /dev/kvm cannot be opened ({e}): this test needs KVM");
+                return None;
+            }
+        };
+        if SlotVm::dirty_ring_max(&vm) < BYTES {
+            eprintln!("SKIPPED: this kernel has no dirty ring: this test needs one");
+            return None;
+        }
+        Some(DirtyRing::enable(vm, BYTES).expect("dirty ring"))
+    }
+
+    /// A logging slot over a backing of its own, entered in the ring's id table.
+    fn logging_slot(ring: &DirtyRing, id: u16, gpa: u64) -> (Slot, Arc<Backing>) {
+        let backing = Arc::new(Backing::anonymous("ram", 0x4_0000).expect("memory"));
+        let slot = Slot {
+            id: SlotId::new(id),
+            gpa,
+            size: backing.size(),
+            host: backing.host(),
+            flags: SlotFlags::LOG_DIRTY_PAGES,
+            guest_memfd: 0,
+            guest_memfd_offset: 0,
+        };
+        ring.lock()
+            .slots
+            .insert(slot.id.raw(), (slot, backing.clone()));
+        (slot, backing)
+    }
+
+    /// Adds a ring of `ENTRIES` entries in anonymous memory, the first `dirty` of them pushed
+    /// for `slot` (page `i % pages` each); returns a pointer to its entries.
+    fn forged_ring(ring: &DirtyRing, slot: &Slot, dirty: u32) -> NonNull<kvm_dirty_gfn> {
+        // SAFETY: a fresh private anonymous mapping; `RingMap::drop` unmaps it with this length.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                BYTES as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        let entries = NonNull::new(p.cast::<kvm_dirty_gfn>()).expect("not null");
+        for i in 0..dirty {
+            // SAFETY: `i < ENTRIES`, inside the mapping, which nothing else uses yet.
+            unsafe {
+                entries.as_ptr().add(i as usize).write(kvm_dirty_gfn {
+                    flags: F_DIRTY,
+                    slot: slot.id.raw(),
+                    offset: u64::from(i) % slot.pages(),
+                })
+            };
+        }
+        ring.lock().rings.push(RingMap {
+            index: 0,
+            entries,
+            count: ENTRIES,
+            fetch: 0,
+        });
+        entries
+    }
+
+    fn pages_of(pages: &crate::kvm::DirtyPages, backing: &Backing) -> u64 {
+        (0..backing.size() / PAGE_SIZE)
+            .filter(|p| pages.contains(backing.host() + p * PAGE_SIZE))
+            .count() as u64
+    }
+
+    #[test]
+    fn a_ring_found_full_counts_every_logging_page_dirty() {
+        let Some(ring) = ring() else { return };
+        let (slot, backing) = logging_slot(&ring, 0, 0);
+        let (_, other) = logging_slot(&ring, 1, 0x10_0000);
+        let entries = forged_ring(&ring, &slot, ENTRIES);
+        assert_eq!(ring.reap(), Ok(u64::from(ENTRIES)));
+        assert_eq!(ring.overflows(), 1);
+        let pages = ring.take();
+        // Entries may have wrapped over unseen ones, of any logging slot: all of them count.
+        assert_eq!(pages_of(&pages, &backing), slot.pages());
+        assert_eq!(pages_of(&pages, &other), other.size() / PAGE_SIZE);
+        // Every entry was handed back to the kernel.
+        for i in 0..ENTRIES as usize {
+            // SAFETY: inside the mapping, which the ring keeps until it is dropped.
+            assert_eq!(unsafe { (*entries.as_ptr().add(i)).flags }, F_RESET);
+        }
+    }
+
+    #[test]
+    fn a_ring_not_full_counts_only_its_entries() {
+        let Some(ring) = ring() else { return };
+        let (slot, backing) = logging_slot(&ring, 0, 0);
+        let (_, other) = logging_slot(&ring, 1, 0x10_0000);
+        forged_ring(&ring, &slot, 10);
+        assert_eq!(ring.reap(), Ok(10));
+        assert_eq!(ring.overflows(), 0);
+        let pages = ring.take();
+        assert_eq!(pages_of(&pages, &backing), 10);
+        assert_eq!(pages_of(&pages, &other), 0);
+    }
+}
