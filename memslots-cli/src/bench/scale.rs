@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use memslots::model::{Layout, Limits};
 use memslots::planner::CutPolicy;
-use memslots_testkit::conformance::run_trace;
+use memslots_testkit::conformance::run_trace_calls;
 use memslots_testkit::replay::PlannedCommits;
 use memslots_testkit::samples::SyntheticTrace;
 use memslots_testkit::stress::PeakRss;
@@ -117,10 +117,10 @@ fn conformance(spec: &SyntheticTrace, rounds: usize) -> Result<Figure, Box<dyn E
     let (mut c, mut b) = interleave(
         rounds,
         || {
-            // What `memslots conformance --trace` does, reading from memory.
+            // What `memslots conformance --trace` does (streaming), reading from memory.
             let run = measured(|| {
-                let trace = Trace::parse_bytes(text.as_bytes())?;
-                let report = run_trace(&trace, Limits::default());
+                let calls = TraceReader::new(text.as_bytes(), None);
+                let report = run_trace_calls(calls, Limits::default())?;
                 mismatches += report.mismatches;
                 black_box(report);
                 Ok(())
