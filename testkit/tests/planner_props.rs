@@ -216,6 +216,16 @@ fn check_sequence(ops: &[Op], policy: &CutPolicy, limits: Limits) -> Result<usiz
                 "step {step}: create reuses live {id}"
             );
         }
+        // No new slot spans a host boundary (a backend keeps the memories on each side apart).
+        for c in plan.calls.iter().filter(|c| c.change == Change::Create) {
+            let (host, end) = (c.call.host, c.call.host + c.call.size);
+            prop_assert!(
+                !policy.host_boundaries.iter().any(|&b| host < b && b < end),
+                "step {}: {} spans a host boundary",
+                step,
+                c.call
+            );
+        }
         let mut sorted = created.clone();
         sorted.sort();
         for space in [0u16, 1] {
@@ -293,6 +303,22 @@ proptest! {
     fn random_map_sequences_plan_safely(ops in proptest::collection::vec(op(), 1..12), minimal in any::<bool>()) {
         let policy = if minimal { CutPolicy::minimal() } else { CutPolicy::x86_pc() };
         check_sequence(&ops, &policy, Limits::default())?;
+    }
+
+    /// Host boundaries inside the low RAM (which the map joins into one region) and the DIMMs':
+    /// no slot spans one, in either policy, and every plan still maps exactly.
+    #[test]
+    fn random_map_sequences_plan_within_host_boundaries(
+        ops in proptest::collection::vec(op(), 1..12),
+        cells in proptest::collection::vec(1..CELLS as u64, 0..6),
+        minimal in any::<bool>(),
+    ) {
+        let base = if minimal { CutPolicy::minimal() } else { CutPolicy::x86_pc() };
+        let edges = cells
+            .iter()
+            .map(|c| RAM_HOST + c * CELL)
+            .chain([DIMM_HOST + 0x10_0000]);
+        check_sequence(&ops, &base.with_host_boundaries(edges), Limits::default())?;
     }
 
     /// The same sequences with the slot limit set to the most slots they ever hold: every plan
