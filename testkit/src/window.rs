@@ -249,16 +249,22 @@ fn continues(s: &Slot, next: &Slot) -> bool {
 /// The touched ranges grown until every slot of `planner` and every region of `qemu`'s map
 /// reaching into a range lies inside it; sorted and disjoint.
 fn window(qemu: &Layout, planner: &Layout, touched: &[GpaRange]) -> Vec<GpaRange> {
-    let mut out: Vec<GpaRange> = touched
-        .iter()
-        .filter(|r| r.start < r.end)
-        .map(|&r| close(qemu, planner, r))
-        .collect();
-    out.sort_unstable();
     // Ranges that overlap or touch are joined; what reaches into the join reaches into a part,
     // so the join is closed too.
-    let mut joined: Vec<GpaRange> = Vec::with_capacity(out.len());
-    for r in out {
+    join(
+        touched
+            .iter()
+            .filter(|r| r.start < r.end)
+            .map(|&r| close(qemu, planner, r))
+            .collect(),
+    )
+}
+
+/// `ranges` sorted by address space and GPA, those that overlap or touch joined.
+pub(crate) fn join(mut ranges: Vec<GpaRange>) -> Vec<GpaRange> {
+    ranges.sort_unstable();
+    let mut joined: Vec<GpaRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
         match joined.last_mut() {
             Some(last) if last.address_space == r.address_space && r.start <= last.end => {
                 last.end = last.end.max(r.end);

@@ -23,7 +23,7 @@ use crate::stats::{Micros, Samples};
 use crate::strategy::Strategy;
 use crate::stress::StressReport;
 use crate::trace::{Trace, TraceCall, TraceError};
-use crate::window::within;
+use crate::window::{join, within};
 use memslots::model::{GpaRange, HoleReport, Layout, Limits, PAGE_SIZE};
 use memslots::planner::{CutPolicy, MemoryMap};
 use memslots::soft::{Access, SoftError, SoftMemory};
@@ -138,15 +138,14 @@ impl Way {
         let stop = AtomicBool::new(false);
         let spurious = AtomicU64::new(0);
         let readers = if probes.is_empty() { 0 } else { readers };
-        // Whole passes over the probes, per reader.
         // Steps the writer made, and per reader the last step it made a whole pass after.
         let step = AtomicU64::new(0);
         let acked: Vec<AtomicU64> = (0..readers).map(|_| AtomicU64::new(0)).collect();
         let settle = || {
             let now = step.fetch_add(1, Ordering::AcqRel) + 1;
             while acked.iter().any(|a| a.load(Ordering::Acquire) < now) {
-                // Sleeping, not yielding: the readers spin, and a yielding writer gets its core
-                // back only after their time slice (milliseconds per step).
+                // Sleeping, not spinning: the readers need the cores (each yields after a pass,
+                // so the writer gets one back soon after it wakes).
                 std::thread::sleep(std::time::Duration::from_micros(20));
             }
         };
@@ -214,12 +213,52 @@ struct Probe {
     in_hole: bool,
 }
 
-/// At most `limit` pages of `ranges`, spread evenly over them.
+/// Whether `gpa` lies in one of `ranges` (sorted and disjoint, as [`join`] gives them).
+fn in_ranges(ranges: &[GpaRange], address_space: u16, gpa: u64) -> bool {
+    let i = ranges.partition_point(|r| (r.address_space, r.end) <= (address_space, gpa));
+    ranges
+        .get(i)
+        .is_some_and(|r| r.address_space == address_space && r.start <= gpa)
+}
+
+/// For each of `calls` calls, whether after it a hole is open that holds a probe the readers
+/// judge (RAM before and after): where the readers must make a pass before the next call.
+fn probed_hole_open_after(holes: &HoleReport, probes: &[Probe], calls: usize) -> Vec<bool> {
+    let judged: Vec<(u16, u64)> = probes
+        .iter()
+        .filter(|p| p.ram_throughout)
+        .map(|p| (p.address_space, p.gpa))
+        .collect();
+    // Open holes per call, as a running sum of openings and closings.
+    let mut delta = vec![0i64; calls + 1];
+    for h in &holes.holes {
+        let r = h.range;
+        // Probes are in (address space, GPA) order: the first at or after the hole's start.
+        let i = judged.partition_point(|&p| p < (r.address_space, r.start));
+        let probed = judged
+            .get(i)
+            .is_some_and(|&(space, gpa)| space == r.address_space && gpa < r.end);
+        if probed && h.opened_by < h.closed_by && h.closed_by <= calls {
+            delta[h.opened_by] += 1;
+            delta[h.closed_by] -= 1;
+        }
+    }
+    let mut open = 0;
+    delta[..calls]
+        .iter()
+        .map(|d| {
+            open += d;
+            open > 0
+        })
+        .collect()
+}
+
+/// At most `limit` pages of `ranges` (sorted and disjoint), spread evenly over them, in order.
 fn probes(
     ranges: &[GpaRange],
     before: &Layout,
     after: &Layout,
-    holes: &HoleReport,
+    holes: &[GpaRange],
     limit: u64,
 ) -> Vec<Probe> {
     let pages: u64 = ranges
@@ -246,9 +285,7 @@ fn probes(
                 gpa,
                 ram_throughout: before.find(space, gpa).is_some()
                     && after.find(space, gpa).is_some(),
-                in_hole: holes.holes.iter().any(|h| {
-                    h.range.address_space == space && h.range.start <= gpa && gpa < h.range.end
-                }),
+                in_hole: in_ranges(holes, space, gpa),
             });
             k += stride;
         }
@@ -257,20 +294,20 @@ fn probes(
     out
 }
 
-/// Every slot's range in `layouts`: the window of a commit planned from the whole map.
+/// Every slot's range in `layouts`, sorted, overlapping ones joined: the window of a commit
+/// planned from the whole map.
 fn all_ranges(layouts: &[&Layout]) -> Vec<GpaRange> {
-    let mut out: Vec<GpaRange> = layouts
-        .iter()
-        .flat_map(|l| l.slots())
-        .map(|s| GpaRange {
-            address_space: s.id.address_space,
-            start: s.gpa,
-            end: s.end(),
-        })
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
+    join(
+        layouts
+            .iter()
+            .flat_map(|l| l.slots())
+            .map(|s| GpaRange {
+                address_space: s.id.address_space,
+                start: s.gpa,
+                end: s.end(),
+            })
+            .collect(),
+    )
 }
 
 /// The slots of `layout` in `window`, or all of them without one.
@@ -332,9 +369,10 @@ pub fn replay_calls(
             &ranges,
             &qemu_before,
             stream.qemu_layout(),
-            &holes,
+            &join(holes.holes.iter().map(|h| h.range).collect()),
             config.prefault_pages,
         );
+        let hole_open = probed_hole_open_after(&holes, &probes, accepted.len());
         probed_bytes += probes.len() as u64 * PAGE_SIZE;
         hole_bytes += holes.bytes();
         hole_bytes_probed += probes.iter().filter(|p| p.in_hole).count() as u64 * PAGE_SIZE;
@@ -349,7 +387,9 @@ pub fn replay_calls(
 
         qemu.run(&probes, config.readers, |m, settle| {
             for (k, call) in accepted.iter().enumerate() {
-                if k > 0 {
+                // Only where a probed hole is open: a commit of thousands of calls waits for
+                // passes only between the calls a vCPU could fall into.
+                if k > 0 && hole_open[k - 1] {
                     settle();
                 }
                 m.apply_batch(std::slice::from_ref(call))?;
@@ -475,5 +515,98 @@ fn per_way(t: &TraceComparison, f: impl Fn(&WayReport) -> u64) -> PerWay {
         qemu: f(&t.qemu),
         planned: f(&t.planned),
         native: f(&t.native),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{in_ranges, probed_hole_open_after, probes, Probe};
+    use crate::conformance::SplitMix64;
+    use crate::window::join;
+    use memslots::model::{GpaRange, Hole, HoleReport, Layout, Limits, PAGE_SIZE};
+
+    fn range(address_space: u16, start: u64, end: u64) -> GpaRange {
+        GpaRange {
+            address_space,
+            start: start * PAGE_SIZE,
+            end: end * PAGE_SIZE,
+        }
+    }
+
+    #[test]
+    fn probes_are_spread_evenly_in_order_and_capped() {
+        let empty = Layout::new(Limits::default());
+        let ranges = [range(0, 0, 10), range(0, 20, 23), range(1, 5, 100)];
+        for limit in [1, 7, 50, 108, 1000] {
+            let p = probes(&ranges, &empty, &empty, &[], limit);
+            let got: Vec<(u16, u64)> = p.iter().map(|p| (p.address_space, p.gpa)).collect();
+            // Every page of the ranges, in order, then every stride-th of them.
+            let all: Vec<(u16, u64)> = ranges
+                .iter()
+                .flat_map(|r| {
+                    (r.start / PAGE_SIZE..r.end / PAGE_SIZE)
+                        .map(move |page| (r.address_space, page * PAGE_SIZE))
+                })
+                .collect();
+            let stride = (all.len() as u64).div_ceil(limit) as usize;
+            let want: Vec<(u16, u64)> = all.iter().copied().step_by(stride).collect();
+            assert_eq!(got, want, "limit {limit}");
+            assert!(got.len() as u64 <= limit);
+        }
+    }
+
+    #[test]
+    fn ranges_lookup_agrees_with_every_range() {
+        let mut rng = SplitMix64::new(3);
+        for _ in 0..500 {
+            let raw: Vec<GpaRange> = (0..rng.below(6))
+                .map(|_| {
+                    let start = rng.below(40);
+                    range(rng.below(2) as u16, start, start + 1 + rng.below(8))
+                })
+                .collect();
+            let joined = join(raw.clone());
+            for space in 0..2 {
+                for page in 0..50 {
+                    let gpa = page * PAGE_SIZE + rng.below(PAGE_SIZE);
+                    let any = raw
+                        .iter()
+                        .any(|r| r.address_space == space && r.start <= gpa && gpa < r.end);
+                    assert_eq!(in_ranges(&joined, space, gpa), any, "{raw:?} {gpa:#x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn readers_are_waited_for_only_while_a_probed_hole_is_open() {
+        let probe = |page: u64, ram_throughout| Probe {
+            address_space: 0,
+            gpa: page * PAGE_SIZE,
+            ram_throughout,
+            in_hole: false,
+        };
+        let probes = [probe(2, true), probe(10, false), probe(20, true)];
+        let hole = |start, end, opened_by, closed_by| Hole {
+            range: range(0, start, end),
+            opened_by,
+            closed_by,
+        };
+        let holes = HoleReport {
+            holes: vec![
+                // Holds the probe at page 2: open after calls 1 and 2.
+                hole(0, 4, 1, 3),
+                // Holds only a probe not judged (MMIO before or after): no wait.
+                hole(8, 12, 4, 6),
+                // Holds no probe.
+                hole(30, 40, 5, 7),
+                // Holds the probe at page 20: open after call 6.
+                hole(20, 21, 6, 7),
+            ],
+        };
+        assert_eq!(
+            probed_hole_open_after(&holes, &probes, 8),
+            [false, true, true, false, false, false, true, false]
+        );
     }
 }
