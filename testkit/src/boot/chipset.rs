@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use memslots::kvm::{Backing, SlotUpdater};
 use memslots::model::SlotFlags;
-use memslots::planner::{Listener, Section};
+use memslots::planner::{CutPolicy, Listener, Section};
 
 use crate::strategy::{self, Strategy};
 
@@ -121,7 +121,11 @@ impl Chipset {
         let limits = *updater.layout().limits();
         let mut chipset = Chipset {
             pci: PciHost::new(),
-            listener: Listener::new(limits),
+            // No slot may span two registered memories, though mmap may place them back to back.
+            listener: Listener::with_policy(
+                limits,
+                CutPolicy::default().with_host_boundaries(updater.host_edges()),
+            ),
             ram_size: memory.ram.size(),
             bios_size: memory.bios.size(),
             updater,

@@ -348,12 +348,6 @@ fn vcpu_thread(
     })
 }
 
-/// An unregistered page after each memory. memslots' planner merges sections that continue each
-/// other in GPA *and host memory* into one slot; two memories that happen to be mapped back to
-/// back (pc.rom below the BIOS, which continues it at 0xe0000 at reset) would make one slot
-/// over two registrations, which the updater refuses. The gap keeps them apart.
-const GUARD: usize = 0x1000;
-
 /// Records its thread's CPU time when dropped.
 struct CpuTime<'a>(&'a Machine, usize);
 
@@ -374,6 +368,13 @@ fn thread_cpu_time() -> Duration {
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
+
+/// An unregistered page after each memory, for the trace's sake. mmap may place two memories back
+/// to back (pc.rom right below the BIOS, which continues it at 0xe0000 at reset); the chipset's
+/// planner cuts at the updater's host edges, so no slot spans two, but a trace names no memory
+/// and its reader (`compare::qemu_final_map`) takes contiguous host memory for one: the gap keeps
+/// the VMM's own trace readable as QEMU's are.
+const GUARD: usize = 0x1000;
 
 /// An anonymous vm-memory region of `size` bytes (and the guard page) holding `contents`.
 fn region(size: usize, contents: &[u8]) -> Result<Arc<MmapRegion>, BootError> {
