@@ -253,3 +253,61 @@ fn memories_registered_apart_are_never_one_slot() {
         (0x5a5a_5a5a, 0xa5a5_a5a5)
     );
 }
+
+/// A batch rebuilds only the view regions of the slots it changes: a slot it leaves alone keeps
+/// its region (the same one, with the device bits already in it, which the next harvest still
+/// hands out), while a region it replaces is released once no reader holds it.
+#[test]
+fn a_batch_keeps_the_view_regions_of_the_slots_it_leaves_alone() {
+    let Some(vm) = vmm_vm() else { return };
+    let view: GuestMemoryAtomic<GuestMemoryMmap<AtomicBitmap>> =
+        GuestMemoryAtomic::new(GuestMemoryMmap::default());
+    let mut u = SlotUpdater::with_view(vm, gate(), view.clone());
+    let ram = u
+        .add_backing(Backing::anonymous("ram", 0x20_0000).expect("memory"))
+        .expect("register");
+    let a = slot(0, 0, 0x10_0000, ram.host(), SlotFlags::NONE);
+    let b = slot(
+        1,
+        0x100_0000,
+        0x10_0000,
+        ram.host() + 0x10_0000,
+        SlotFlags::NONE,
+    );
+    u.apply(&[a.set_call(), b.set_call()]).expect("apply");
+    let region_at = |gpa: u64| {
+        let mem = view.memory();
+        let r = mem.find_region(GuestAddress(gpa)).expect("in view");
+        std::ptr::from_ref(r) as usize
+    };
+    let (a_region, b_region) = (region_at(0), region_at(0x100_0000));
+    // A device writes both, then a batch moves b and turns logging on for a.
+    let mem = view.memory();
+    mem.write_obj(1u32, GuestAddress(0x3000)).expect("a");
+    mem.write_obj(2u32, GuestAddress(0x100_5000)).expect("b");
+    drop(mem);
+    let logged = Slot {
+        flags: SlotFlags::LOG_DIRTY_PAGES,
+        ..a
+    };
+    let moved = Slot {
+        gpa: 0x200_0000,
+        ..b
+    };
+    u.apply(&[logged.set_call(), b.delete_call(), moved.set_call()])
+        .expect("apply");
+    assert_eq!(region_at(0), a_region, "a's region was rebuilt");
+    assert_ne!(region_at(0x200_0000), b_region, "b moved: a new region");
+    assert!(view.memory().find_region(GuestAddress(0x100_0000)).is_none());
+    // Both device writes are in the harvest: a's from its kept region, b's from the one replaced.
+    let dirty = u.dirty_pages().expect("harvest");
+    assert!(dirty.contains(ram.host() + 0x3000), "{dirty:?}");
+    assert!(dirty.contains(ram.host() + 0x10_5000), "{dirty:?}");
+    // A write through the kept region after the batch is harvested too, once.
+    view.memory()
+        .write_obj(3u32, GuestAddress(0x4000))
+        .expect("a");
+    let dirty = u.dirty_pages().expect("harvest");
+    assert!(dirty.contains(ram.host() + 0x4000), "{dirty:?}");
+    assert!(!dirty.contains(ram.host() + 0x3000), "handed out twice");
+}

@@ -12,8 +12,12 @@
 //!   reaper thread. Nothing is unmapped under a reader and nothing leaks.
 //! - **Device writes are dirty pages too.** With a tracking bitmap (`AtomicBitmap`), the bits a
 //!   device set through any view (current or replaced) go into the harvest, by backing.
+//! - **Only what a batch changed is rebuilt.** A slot the batch leaves alone keeps its region (and
+//!   the device bits in it); the collection itself is vm-memory's, rebuilt from the regions, so
+//!   a batch still costs one pointer per slot.
 
 use std::any::Any;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,7 +97,9 @@ pub(crate) trait View: Send + Sync + std::fmt::Debug {
 struct Held<B> {
     region: Arc<GuestRegionMmap<B>>,
     backing: Arc<Backing>,
-    /// Host address of the region's first byte.
+    /// The slot the region was built for: GPA, size, host address of its first byte.
+    gpa: u64,
+    size: u64,
     host: u64,
 }
 
@@ -133,8 +139,26 @@ impl<B: ViewBitmap> TypedView<B> {
 
 impl<B: ViewBitmap> View for TypedView<B> {
     fn prepare(&self, slots: &[(Slot, Arc<Backing>)]) -> Prepared {
+        // A slot the current view already holds, over the same memory, keeps its region (and
+        // the device bits in it): only what the batch changed is built anew.
+        let current: HashMap<(u64, u64, u64), &Held<B>> = self
+            .current
+            .iter()
+            .map(|h| ((h.gpa, h.size, h.host), h))
+            .collect();
         let mut held = Vec::new();
         for (slot, backing) in slots.iter().filter(|(s, _)| !s.flags.readonly()) {
+            if let Some(h) = current
+                .get(&(slot.gpa, slot.size, slot.host))
+                .filter(|h| Arc::ptr_eq(&h.backing, backing))
+            {
+                held.push(Held {
+                    region: h.region.clone(),
+                    backing: h.backing.clone(),
+                    ..**h
+                });
+                continue;
+            }
             let size = slot.size as usize;
             let mut builder = MmapRegionBuilder::new_with_bitmap(size, B::for_region(size))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -154,6 +178,8 @@ impl<B: ViewBitmap> View for TypedView<B> {
             held.push(Held {
                 region: Arc::new(region),
                 backing: backing.clone(),
+                gpa: slot.gpa,
+                size: slot.size,
                 host: slot.host,
             });
         }
@@ -176,8 +202,17 @@ impl<B: ViewBitmap> View for TypedView<B> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .replace(memory);
+        // A region the new view kept is current, not replaced (a batch's first view may have
+        // replaced it and its second taken it back).
+        let kept: HashSet<*const GuestRegionMmap<B>> =
+            held.iter().map(|h| Arc::as_ptr(&h.region)).collect();
+        self.replaced
+            .retain(|h| !kept.contains(&Arc::as_ptr(&h.region)));
         let old = std::mem::replace(&mut self.current, held);
-        self.replaced.extend(old);
+        self.replaced.extend(
+            old.into_iter()
+                .filter(|h| !kept.contains(&Arc::as_ptr(&h.region))),
+        );
         self.release(log);
     }
 
