@@ -298,7 +298,10 @@ fn a_batch_keeps_the_view_regions_of_the_slots_it_leaves_alone() {
         .expect("apply");
     assert_eq!(region_at(0), a_region, "a's region was rebuilt");
     assert_ne!(region_at(0x200_0000), b_region, "b moved: a new region");
-    assert!(view.memory().find_region(GuestAddress(0x100_0000)).is_none());
+    assert!(view
+        .memory()
+        .find_region(GuestAddress(0x100_0000))
+        .is_none());
     // Both device writes are in the harvest: a's from its kept region, b's from the one replaced.
     let dirty = u.dirty_pages().expect("harvest");
     assert!(dirty.contains(ram.host() + 0x3000), "{dirty:?}");
