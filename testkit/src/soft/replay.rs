@@ -378,10 +378,11 @@ pub fn replay_calls(
         hole_bytes_probed += probes.iter().filter(|p| p.in_hole).count() as u64 * PAGE_SIZE;
         // The primitives lower the planner's change, not QEMU's: QEMU renumbers slots it
         // re-creates, and a primitive only applies to a slot that keeps its id.
-        let steps = native_steps(
-            &part(planned.memory.layout(), window.as_deref()),
-            &part(stream.layout(), window.as_deref()),
-        );
+        let w = window.as_deref();
+        // The planner's slots in the window once its batch ran: what the native steps must
+        // reach, and what the ways are held against.
+        let planned_after = part(stream.layout(), w);
+        let steps = native_steps(&part(planned.memory.layout(), w), &planned_after);
         let batch = c.plan.batch();
         let before = (qemu.report, planned.report, native.report);
 
@@ -444,15 +445,14 @@ pub fn replay_calls(
             .apply_batch(accepted)
             .map_err(|e| soft(SoftError::Refused(e)))?;
 
-        // Outside the window nothing changed: the window's slots say whether the ways agree.
-        let w = window.as_deref();
+        // Outside the window nothing changed: the window's slots say whether the ways agree
+        // (the planned memory is held against the planner's layout once, at the end).
         sums.commits += 1;
-        sums.planned_matches &= MemoryMap::from_layout(&part(planned.memory.layout(), w))
+        sums.planned_matches &= MemoryMap::from_layout(&planned_after)
             == MemoryMap::from_layout(&part(qemu.memory.layout(), w));
-        sums.native_matches &=
-            part(native.memory.layout(), w)
-                .slots()
-                .eq(part(planned.memory.layout(), w).slots());
+        sums.native_matches &= part(native.memory.layout(), w)
+            .slots()
+            .eq(planned_after.slots());
         i += 1;
         progress(i as u64, total);
     }
