@@ -352,6 +352,7 @@ const SVG_MAX_ITEMS: usize = 100_000;
 
 /// Refuses, with a clear error, an SVG of `frames` frames drawing `items` (regions before and
 /// after, and calls, per frame) past the bounds, before anything is rendered.
+///
 /// Regions and calls are counted only until a bound is passed: past it, `items` is a floor.
 fn svg_fits(frames: usize, items: usize) -> Result<(), Box<dyn Error>> {
     if frames > SVG_MAX_FRAMES || items > SVG_MAX_ITEMS {
