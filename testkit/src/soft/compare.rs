@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use memslots::model::{Batch, Layout, Primitive, Slot, SlotCall, SlotFlags, SlotId, PAGE_SIZE};
 use memslots::planner::MemoryMap;
+use memslots::soft::spte::SpteCounters;
 use memslots::soft::Access;
-use memslots::soft::{SoftError, SoftMemory};
+use memslots::soft::{Outcome, SoftError, SoftMemory};
 
 /// One step of a change in native form: a primitive, or a batch for what no primitive expresses.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
@@ -317,8 +318,7 @@ fn run_way(
         prefault.access_in(space, gpa, true);
     }
     drop(prefault);
-    let start = memory.counters();
-    let start_total = memory.total();
+    let start = Mark::of(&memory);
     let stop = AtomicBool::new(false);
     let spurious = AtomicU64::new(0);
     let result = std::thread::scope(|scope| {
@@ -349,18 +349,8 @@ fn run_way(
         result
     });
     let steps = result?;
-    let end = memory.counters();
-    let total = memory.total();
     Ok((
-        WayReport {
-            steps,
-            zapped_pages: end.zapped - start.zapped,
-            retries: end.retries - start.retries,
-            spurious_mmio: spurious.load(Ordering::Relaxed),
-            faults: end.faults - start.faults,
-            publishes: total.publishes - start_total.publishes,
-            invalidated: total.invalidated - start_total.invalidated,
-        },
+        WayReport::since(start, &memory, steps, spurious.load(Ordering::Relaxed)),
         memory.layout().clone(),
     ))
 }
@@ -417,7 +407,31 @@ pub fn compare_commit(
     })
 }
 
+/// A soft memory's counters at one moment, to report what a way cost since.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mark(SpteCounters, Outcome);
+
+impl Mark {
+    pub(crate) fn of(memory: &SoftMemory) -> Self {
+        Mark(memory.counters(), memory.total())
+    }
+}
+
 impl WayReport {
+    /// What `memory` did since `start`: `steps` applied, `spurious_mmio` seen by its readers.
+    pub(crate) fn since(start: Mark, memory: &SoftMemory, steps: u64, spurious_mmio: u64) -> Self {
+        let (Mark(start, start_total), end, total) = (start, memory.counters(), memory.total());
+        WayReport {
+            steps,
+            zapped_pages: end.zapped - start.zapped,
+            retries: end.retries - start.retries,
+            spurious_mmio,
+            faults: end.faults - start.faults,
+            publishes: total.publishes - start_total.publishes,
+            invalidated: total.invalidated - start_total.invalidated,
+        }
+    }
+
     /// Adds another report's counts to this one.
     pub fn add(&mut self, other: &WayReport) {
         self.steps += other.steps;

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::compare::{native_steps, NativeStep, TraceComparison, WayReport};
+use super::compare::{native_steps, Mark, NativeStep, TraceComparison, WayReport};
 use super::stress::one_call_batches;
 use crate::replay::{calls_of, PlannedCommits};
 use crate::stats::{Micros, Samples};
@@ -134,7 +134,7 @@ impl Way {
             prefault.access_in(p.address_space, p.gpa, true);
         }
         drop(prefault);
-        let (start, start_total) = (memory.counters(), memory.total());
+        let start = Mark::of(memory);
         let stop = AtomicBool::new(false);
         let spurious = AtomicU64::new(0);
         let readers = if probes.is_empty() { 0 } else { readers };
@@ -188,16 +188,12 @@ impl Way {
             stop.store(true, Ordering::Relaxed);
             steps
         })?;
-        let (end, total) = (memory.counters(), memory.total());
-        self.report.add(&WayReport {
+        self.report.add(&WayReport::since(
+            start,
+            memory,
             steps,
-            zapped_pages: end.zapped - start.zapped,
-            retries: end.retries - start.retries,
-            spurious_mmio: spurious.load(Ordering::Relaxed),
-            faults: end.faults - start.faults,
-            publishes: total.publishes - start_total.publishes,
-            invalidated: total.invalidated - start_total.invalidated,
-        });
+            spurious.load(Ordering::Relaxed),
+        ));
         Ok(())
     }
 }
