@@ -26,7 +26,7 @@ pub struct CutPolicy {
     /// Slot ids per address space left unused by policy cuts: when the cuts would leave fewer
     /// free, the planner cuts new slots only where the mapping itself requires it.
     pub headroom: u16,
-    /// Host addresses a new slot never spans (sorted ascending), whatever the budget: where one
+    /// Host addresses a new slot never spans, whatever the budget: where one
     /// registered host memory ends and another begins, which a backend keeps apart (a slot of
     /// the kvm backend's `SlotUpdater` lies in one registered memory) though the map joins them
     /// when they continue each other in GPA too.
@@ -80,12 +80,13 @@ impl CutPolicy {
     /// Cut points strictly inside `[start, end)`, ascending, for a range whose first byte is at
     /// host address `host`.
     pub(crate) fn cuts(&self, start: u64, end: u64, host: u64, out: &mut Vec<u64>) {
-        let first = self.host_boundaries.partition_point(|&b| b <= host);
+        // Filtered rather than searched: a policy built by hand may not keep them sorted, and a
+        // wrong cut only costs a slot where a missing one gets the plan refused.
         out.extend(
-            self.host_boundaries[first..]
+            self.host_boundaries
                 .iter()
-                .map(|&b| b - host)
-                .take_while(|&offset| offset < end - start)
+                .filter_map(|&b| b.checked_sub(host))
+                .filter(|&offset| offset > 0 && offset < end - start)
                 .map(|offset| start + offset),
         );
         let first = self.boundaries.partition_point(|&b| b <= start);
@@ -214,6 +215,14 @@ mod tests {
                 assert!(out.is_empty(), "{out:x?}");
             }
         }
+        // Built by hand, unsorted: the same cuts, no panic.
+        let p = CutPolicy {
+            host_boundaries: edges.iter().rev().copied().collect(),
+            ..CutPolicy::minimal()
+        };
+        let mut out = Vec::new();
+        p.cuts(0x40_0000, 0x140_0000, 0x7f00_0000_0000, &mut out);
+        assert_eq!(out, vec![0x50_0000, 0x70_0000]);
     }
 
     #[test]
