@@ -372,15 +372,15 @@ pub fn replay_calls(
         probed_bytes += probes.len() as u64 * PAGE_SIZE;
         hole_bytes += holes.bytes();
         hole_bytes_probed += probes.iter().filter(|p| p.in_hole).count() as u64 * PAGE_SIZE;
-        // The primitives lower the planner's change, not QEMU's: QEMU renumbers slots it
-        // re-creates, and a primitive only applies to a slot that keeps its id.
         let w = window.as_deref();
         // The planner's slots in the window once its batch ran: what the native steps must
         // reach, and what the ways are held against.
         let planned_after = part(stream.layout(), w);
+        // The primitives lower the planner's change, not QEMU's: QEMU renumbers slots it
+        // re-creates, and a primitive only applies to a slot that keeps its id.
         let steps = native_steps(&part(planned.memory.layout(), w), &planned_after);
         let batch = c.plan.batch();
-        let before = (qemu.report, planned.report, native.report);
+        let seen_before = (qemu.report.spurious_mmio, planned.report.spurious_mmio);
 
         qemu.run(&probes, config.readers, |m, settle| {
             for (k, call) in accepted.iter().enumerate() {
@@ -431,10 +431,10 @@ pub fn replay_calls(
         update_us.push(us);
         blackout.push(if inhibited { us } else { 0.0 });
         spurious += match config.strategy {
-            Strategy::Atomic => planned.report.spurious_mmio - before.1.spurious_mmio,
+            Strategy::Atomic => planned.report.spurious_mmio - seen_before.1,
             // QEMU 8.0 holds vCPUs out of a commit whose deletes overlap its creates.
             _ if inhibited => 0,
-            _ => qemu.report.spurious_mmio - before.0.spurious_mmio,
+            _ => qemu.report.spurious_mmio - seen_before.0,
         };
 
         qemu_before
